@@ -1,0 +1,62 @@
+"""dpi-hf: Dynamic Parameter Isolation for multi-task SFT on the Hugging Face stack.
+
+The torch-only engine (:mod:`dpi_hf.core`) is imported eagerly; the Trainer glue (which imports transformers and
+trl, a few seconds) is imported on first use of its names.
+"""
+
+from .core import (
+    CoreMask,
+    DPIConfigError,
+    FingerprintMismatchError,
+    MaskFileError,
+    ParameterFreezer,
+    ProbeDivergedError,
+    StagePlan,
+    check_fingerprint,
+    load_cores,
+    model_fingerprint,
+    plan_stages,
+    read_cores_metadata,
+    save_cores,
+    select_core,
+    update_magnitudes,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "DPIConfig": "dpi_hf.config",
+    "DPITrainer": "dpi_hf.trainer",
+    "CoreProbeCallback": "dpi_hf.callbacks",
+    "FreezeMaskCallback": "dpi_hf.callbacks",
+    "save_dpi_artifacts": "dpi_hf.artifacts",
+    "load_dpi_artifacts": "dpi_hf.artifacts",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dpi_hf' has no attribute {name!r}")
+
+
+__all__ = [
+    "CoreMask",
+    "DPIConfigError",
+    "FingerprintMismatchError",
+    "MaskFileError",
+    "ParameterFreezer",
+    "ProbeDivergedError",
+    "StagePlan",
+    "check_fingerprint",
+    "load_cores",
+    "model_fingerprint",
+    "plan_stages",
+    "read_cores_metadata",
+    "save_cores",
+    "select_core",
+    "update_magnitudes",
+    *_LAZY,
+]
