@@ -180,10 +180,12 @@ class StagePlan:
     def describe(self) -> str:
         """Human-readable summary: overlap matrix and stages."""
         w = max(len(t) for t in self.tasks)
-        lines = ["Jaccard overlap of core regions:", " " * (w + 1) + " ".join(f"{t[:8]:>8}" for t in self.tasks)]
-        for t, row in zip(self.tasks, self.jaccard):
-            lines.append(f"{t:<{w}} " + " ".join(f"{v:8.3f}" for v in row))
-        lines.append(f"groups (J >= {self.jaccard_threshold}): {self.groups}")
+        lines = []
+        if self.jaccard:
+            lines += ["Jaccard overlap of core regions:", " " * (w + 1) + " ".join(f"{t[:8]:>8}" for t in self.tasks)]
+            for t, row in zip(self.tasks, self.jaccard):
+                lines.append(f"{t:<{w}} " + " ".join(f"{v:8.3f}" for v in row))
+            lines.append(f"groups (J >= {self.jaccard_threshold}): {self.groups}")
         for k, s in enumerate(self.stages):
             frozen = f", frozen {100 * self.frozen_fraction(k):.2f}%" if self.frozen_counts else ""
             lines.append(f"stage {k + 1}/{len(self.stages)}: {s}{frozen}")
@@ -218,7 +220,7 @@ def plan_from_groups(
     if freeze and cores is None:
         raise DPIConfigError("freeze=True needs the tasks' cores; pass cores or set freeze=False.")
     n = len(tasks)
-    jac = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
+    jac = []  # unknown without cores
     plan = StagePlan(
         tasks=tasks,
         jaccard=jac,
@@ -230,11 +232,21 @@ def plan_from_groups(
     )
     if cores is not None:
         _check_cores(cores, tasks)
-        for i, a in enumerate(tasks):
-            for j in range(i + 1, n):
-                jac[i][j] = jac[j][i] = cores[a].jaccard(cores[tasks[j]])
+        plan.jaccard = jaccard_matrix(cores, tasks)
         _fill_counts(plan, cores)
+    else:
+        plan.frozen_counts = [0] * len(plan.stages)
     return plan
+
+
+def jaccard_matrix(cores: Mapping[str, CoreMask], tasks: Sequence[str]) -> list[list[float]]:
+    """Symmetric matrix of J(C_i, C_j) over ``tasks`` (1.0 on the diagonal)."""
+    n = len(tasks)
+    jac = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            jac[i][j] = jac[j][i] = cores[tasks[i]].jaccard(cores[tasks[j]])
+    return jac
 
 
 def _check_cores(cores: Mapping[str, CoreMask], tasks: Sequence[str]) -> None:
@@ -286,14 +298,8 @@ def plan_stages(
         raise DPIConfigError(f"order={order!r} is not one of {STAGE_ORDERS}; pick one of them (default 'given').")
     tasks = list(tasks) if tasks is not None else list(cores)
     _check_cores(cores, tasks)
-    n = len(tasks)
-    jac = [[1.0] * n for _ in range(n)]
-    edges = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            jac[i][j] = jac[j][i] = cores[tasks[i]].jaccard(cores[tasks[j]])
-            if jac[i][j] >= tau:
-                edges.append((tasks[i], tasks[j]))
+    jac = jaccard_matrix(cores, tasks)
+    edges = [(tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks)) if jac[i][j] >= tau]
     groups = connected_components(tasks, edges)
     plan = StagePlan(
         tasks=tasks,

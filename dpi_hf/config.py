@@ -1,0 +1,160 @@
+"""`DPIConfig`: `SFTConfig` plus the fields of Dynamic Parameter Isolation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from .core.errors import DPIConfigError
+from .core.planning import STAGE_ORDERS, validate_jaccard_threshold
+
+STRATEGIES = ("dpi", "multitask", "random", "given")
+CORE_SCOPES = ("global", "per_tensor")
+
+
+@dataclass
+class DPIConfig(SFTConfig):
+    r"""
+    Configuration for [`DPITrainer`]: every [`~trl.SFTConfig`] field plus the DPI fields below.
+
+    With one dataset and no task column the DPI fields are ignored and DPITrainer is SFTTrainer. With several tasks,
+    the training budget (`max_steps`, or `num_train_epochs` when `max_steps` ≤ 0) is the total of the staged
+    training: with `max_steps`, each stage gets a share proportional to its number of training examples; with
+    epochs, each stage runs `num_train_epochs` over its own data. Either way every strategy below sees the same
+    number of training examples, which is what the paper's comparison needs.
+
+    Parameters:
+        staging (`str`, defaults to `"dpi"`):
+            How tasks become stages. `"dpi"`: probe every task from θ0, group tasks whose cores overlap
+            (Jaccard ≥ `jaccard_threshold`), train the groups in stages and freeze earlier stages' cores.
+            `"multitask"`: one stage on the uniform mixture of all tasks (baseline 1). `"random"`:
+            `num_random_stages` stages with tasks assigned at random with `seed` (baseline 2). `"given"`: the stages
+            in `stage_groups` (baseline 3, "heuristic"). The three baselines do not probe or freeze unless
+            `freeze_cores=True` (then they probe too).
+        core_fraction (`float`, defaults to `0.01`):
+            p: the fraction of considered parameter elements that form a task's core region, in (0, 1]. The paper's
+            main results use 1%; its ablation sweeps 0.1%–10%.
+        jaccard_threshold (`float`, defaults to `0.1`):
+            τ in [0, 1]: tasks whose cores have Jaccard overlap ≥ τ are trained together (connected components).
+            The paper's text suggests 0.2–0.4, its main results use 0.1.
+        core_scope (`str`, defaults to `"global"`):
+            `"global"`: the top p of all considered elements (as the paper); `"per_tensor"`: the top p of each tensor.
+        core_include (`list[str]` or `None`, defaults to `None`):
+            Parameter-name patterns (fnmatch globs or substrings) to consider; `None` considers every trainable
+            parameter.
+        core_exclude (`list[str]` or `None`, defaults to `None`):
+            Patterns to leave out, e.g. `["*embed_tokens*", "*norm*"]`.
+        probe_steps (`int`, defaults to `100`):
+            Optimizer steps of each task's probe fine-tune (paper: "a limited number of epochs"). Ignored when
+            `probe_epochs` is set.
+        probe_epochs (`float` or `None`, defaults to `None`):
+            Probe length in epochs over the task's data instead of steps.
+        probe_learning_rate (`float` or `None`, defaults to `None`):
+            Learning rate of the probes; `None` uses `learning_rate`.
+        stage_order (`str`, defaults to `"given"`):
+            Order of the DPI stages: `"given"` (first appearance of the tasks), `"largest_first"` (the group with
+            the most training examples first) or `"random"` (seeded with `seed`).
+        stage_groups (`list[list[str]]` or `None`, defaults to `None`):
+            The stages for `staging="given"`, as lists of task names.
+        num_random_stages (`int`, defaults to `3`):
+            K for `staging="random"` (the paper's K = 3), capped at the number of tasks.
+        freeze_cores (`bool` or `None`, defaults to `None`):
+            Freeze earlier stages' cores. `None` means True for `"dpi"` and False for the baselines.
+        task_column (`str`, defaults to `"task"`):
+            Column that names each example's task when a single dataset holds several tasks.
+        masks_from (`str` or `None`, defaults to `None`):
+            A directory (a previous run's `output_dir`, or its `dpi/` folder) or a Hub repo id whose cores are reused,
+            skipping the probes. Its fingerprint must match the model and it must have a core for every task.
+        save_stage_models (`bool`, defaults to `False`):
+            Save the model after each stage `k` in `output_dir/stage-<k>/` (safetensors).
+    """
+
+    staging: str = field(
+        default="dpi",
+        metadata={"help": "How tasks become stages.", "choices": list(STRATEGIES)},
+    )
+    core_fraction: float = field(
+        default=0.01, metadata={"help": "Fraction p of parameter elements in a task's core region, in (0, 1]."}
+    )
+    jaccard_threshold: float = field(
+        default=0.1, metadata={"help": "Jaccard overlap τ in [0, 1] at which two tasks share a stage."}
+    )
+    core_scope: str = field(
+        default="global",
+        metadata={"help": "Select the top p globally or in each tensor.", "choices": list(CORE_SCOPES)},
+    )
+    core_include: list[str] | None = field(
+        default=None, metadata={"help": "Parameter-name patterns to consider (default: all trainable)."}
+    )
+    core_exclude: list[str] | None = field(default=None, metadata={"help": "Parameter-name patterns to leave out."})
+    probe_steps: int = field(default=100, metadata={"help": "Optimizer steps of each task's probe fine-tune."})
+    probe_epochs: float | None = field(
+        default=None, metadata={"help": "Probe length in epochs (overrides probe_steps)."}
+    )
+    probe_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the probes (default: learning_rate)."}
+    )
+    stage_order: str = field(
+        default="given", metadata={"help": "Order of the DPI stages.", "choices": list(STAGE_ORDERS)}
+    )
+    stage_groups: list[list[str]] | None = field(
+        default=None, metadata={"help": "Stages for staging='given', as lists of task names."}
+    )
+    num_random_stages: int = field(default=3, metadata={"help": "K for staging='random'."})
+    freeze_cores: bool | None = field(
+        default=None, metadata={"help": "Freeze earlier stages' cores (default: True for dpi, False otherwise)."}
+    )
+    task_column: str = field(default="task", metadata={"help": "Column naming each example's task."})
+    masks_from: str | None = field(
+        default=None, metadata={"help": "Directory or Hub repo id whose saved cores are reused (skips probes)."}
+    )
+    save_stage_models: bool = field(
+        default=False, metadata={"help": "Save the model after each stage in output_dir/stage-<k>/."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_dpi()
+
+    def validate_dpi(self) -> None:
+        """Check the DPI fields; raise :class:`DPIConfigError` naming the field and the fix."""
+        if self.staging not in STRATEGIES:
+            raise DPIConfigError(f"staging={self.staging!r} is not one of {STRATEGIES}.")
+        p = self.core_fraction
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0) or math.isnan(p):
+            raise DPIConfigError(
+                f"core_fraction={p!r} must be a fraction in (0, 1], e.g. 0.01 for 1% (the paper's default)."
+            )
+        self.jaccard_threshold = validate_jaccard_threshold(self.jaccard_threshold)
+        if self.core_scope not in CORE_SCOPES:
+            raise DPIConfigError(f"core_scope={self.core_scope!r} is not one of {CORE_SCOPES}.")
+        if self.stage_order not in STAGE_ORDERS:
+            raise DPIConfigError(f"stage_order={self.stage_order!r} is not one of {STAGE_ORDERS}.")
+        if self.probe_epochs is None and (not isinstance(self.probe_steps, int) or self.probe_steps < 1):
+            raise DPIConfigError(f"probe_steps={self.probe_steps!r} must be a positive integer (or set probe_epochs).")
+        if self.probe_epochs is not None and not self.probe_epochs > 0:
+            raise DPIConfigError(f"probe_epochs={self.probe_epochs!r} must be positive.")
+        if self.probe_learning_rate is not None and not self.probe_learning_rate > 0:
+            raise DPIConfigError(f"probe_learning_rate={self.probe_learning_rate!r} must be positive.")
+        if self.num_random_stages < 1:
+            raise DPIConfigError(f"num_random_stages={self.num_random_stages!r} must be at least 1.")
+        if self.staging == "given" and not self.stage_groups:
+            raise DPIConfigError("staging='given' needs stage_groups, e.g. [['gsm8k', 'logiqa'], ['code', 'alpaca']].")
+        if self.stage_groups is not None and self.staging != "given":
+            raise DPIConfigError(f"stage_groups is only used with staging='given' (staging is {self.staging!r}).")
+        for field_name in ("core_include", "core_exclude"):
+            v = getattr(self, field_name)
+            if isinstance(v, str):
+                setattr(self, field_name, [v])
+
+    @property
+    def freezes(self) -> bool:
+        """Whether stages freeze earlier stages' cores."""
+        return self.staging == "dpi" if self.freeze_cores is None else bool(self.freeze_cores)
+
+    @property
+    def needs_probes(self) -> bool:
+        """Whether this run needs the tasks' cores (to plan or to freeze)."""
+        return self.staging == "dpi" or self.freezes

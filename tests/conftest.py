@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny BPE tokenizer with a ChatML template, tiny random Llamas, and tiny multi-task data."""
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _corpus():
+    rng = random.Random(0)
+    words = "the cat dog sat on mat red blue green one two three four five six seven eight nine ten plus minus " \
+            "what is answer reverse upper lower copy say hello world".split()
+    lines = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(400)]
+    lines += [f"{a} + {b} = {a + b}" for a in range(30) for b in range(10)]
+    return lines + [w.upper() for w in words]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def tiny_llama(tokenizer, seed=0, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+def make_tasks(n=24, seed=0):
+    """Three small, distinct prompt/completion tasks in TRL's conversational format."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    words = "cat dog mat red blue green hello world".split()
+
+    def conv(q, a):
+        return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+    add = [conv(f"what is {a} + {b}", str(a + b)) for a, b in ((rng.randrange(20), rng.randrange(9)) for _ in range(n))]
+    rev, upper = [], []
+    for _ in range(n):
+        ws = [rng.choice(words) for _ in range(3)]
+        rev.append(conv("reverse " + " ".join(ws), " ".join(reversed(ws))))
+        upper.append(conv("upper " + " ".join(ws), " ".join(ws).upper()))
+    return {"add": Dataset.from_list(add), "rev": Dataset.from_list(rev), "upper": Dataset.from_list(upper)}
+
+
+@pytest.fixture
+def tasks():
+    return make_tasks()
+
+
+def dpi_args(tmp_path, **kw):
+    from dpi_hf import DPIConfig
+
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6,
+                probe_steps=3, core_fraction=0.05, jaccard_threshold=0.3, logging_steps=1, save_strategy="no",
+                report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=64, seed=0,
+                dataset_num_proc=None, disable_tqdm=True)
+    base.update(kw)
+    return DPIConfig(**base)

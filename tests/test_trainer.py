@@ -1,0 +1,176 @@
+"""DPITrainer end to end on a tiny random Llama: drop-in SFT, probes → plan → staged training, artifacts, reuse."""
+
+import json
+
+import pytest
+import torch
+from datasets import concatenate_datasets
+from safetensors.torch import load_file
+
+from conftest import dpi_args, make_tasks, tiny_llama
+from dpi_hf import DPIConfig, DPIConfigError, DPITrainer, load_cores
+from dpi_hf.core import StagePlan
+from dpi_hf.trainer import allocate_steps
+
+torch.set_num_threads(1)
+
+
+def _losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_single_dataset_is_exactly_sfttrainer(tmp_path, tokenizer, tasks):
+    from trl import SFTConfig, SFTTrainer
+
+    kw = dict(per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4, logging_steps=1, save_strategy="no",
+              report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=64, seed=0,
+              disable_tqdm=True)
+    ref = SFTTrainer(tiny_llama(tokenizer), args=SFTConfig(output_dir=str(tmp_path / "a"), **kw),
+                     train_dataset=tasks["add"], processing_class=tokenizer)
+    ref.train()
+    dpi = DPITrainer(tiny_llama(tokenizer), args=DPIConfig(output_dir=str(tmp_path / "b"), **kw),
+                     train_dataset=tasks["add"], processing_class=tokenizer)
+    dpi.train()
+    assert _losses(ref) == _losses(dpi) and len(_losses(ref)) == 4
+    for (n, p), (_, q) in zip(ref.model.named_parameters(), dpi.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert not (tmp_path / "b" / "dpi").exists()
+
+
+def test_allocate_steps():
+    assert allocate_steps(10, [1, 1]) == [5, 5]
+    assert allocate_steps(10, [3, 1]) == [8, 2] or allocate_steps(10, [3, 1]) == [7, 3]
+    assert sum(allocate_steps(7, [5, 1, 1])) == 7 and min(allocate_steps(7, [50, 1, 1])) >= 1
+    with pytest.raises(DPIConfigError, match="smaller than the number of stages"):
+        allocate_steps(2, [1, 1, 1])
+
+
+def test_three_tasks_end_to_end(tmp_path, tokenizer, tasks):
+    model = tiny_llama(tokenizer)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = dpi_args(tmp_path, jaccard_threshold=1.0, save_stage_models=True, max_steps=9)
+    trainer = DPITrainer(model, args=args, train_dataset=tasks, processing_class=tokenizer,
+                         eval_dataset={k: v.select(range(4)) for k, v in tasks.items()})
+    trainer.train()
+    out = tmp_path / "out"
+    plan = trainer.plan
+    assert len(plan.stages) == 3 and sorted(t for s in plan.stages for t in s) == ["add", "rev", "upper"]
+
+    # artifacts: cores reload, plan.json has the documented keys, card has the dpi block, heatmap exists
+    cores = load_cores(out / "dpi" / "cores.safetensors", model=model)
+    assert list(cores) == ["add", "rev", "upper"]
+    n = sum(p.numel() for p in model.parameters())
+    for t, c in cores.items():
+        assert c == trainer.cores[t] and c.count() == int(0.05 * n)
+    record = json.loads((out / "dpi" / "plan.json").read_text())
+    for key in ("tasks", "stages", "groups", "jaccard", "core_fraction", "jaccard_threshold", "core_scope",
+                "frozen_counts", "model_fingerprint", "library_versions"):
+        assert key in record, key
+    assert StagePlan.from_dict(record).stages == plan.stages
+    assert (out / "dpi" / "overlap.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    assert "dpi:" in card and "Dynamic Parameter Isolation" in card
+    forgetting = json.loads((out / "dpi" / "forgetting.json").read_text())
+    assert len(forgetting) == 3 and all("eval_add_loss" in row for row in forgetting)
+
+    # frozen elements of stage k equal those after stage k-1 bit for bit; the rest moved
+    states = [theta0] + [load_file(str(out / f"stage-{k}" / "model.safetensors")) for k in range(3)]
+    for k in range(1, 3):
+        frozen = plan.frozen_before(k)
+        assert frozen.count() > 0
+        moved = 0
+        for name in frozen.names():
+            before, after = states[k][name].reshape(-1), states[k + 1][name].reshape(-1)
+            idx = frozen.indices(name)
+            assert torch.equal(before[idx].view(torch.int32), after[idx].view(torch.int32)), (k, name)
+            free = torch.ones_like(before, dtype=torch.bool)
+            free[idx] = False
+            moved += int((before[free] != after[free]).sum())
+        assert moved > 0
+    # the staged budget is the total: 9 steps over 3 equal stages
+    assert [r["steps"] for r in trainer.stage_history if r["phase"].startswith("stage")] == [3, 3, 3]
+
+
+def test_probes_reproducible_and_masks_from_skips_probes(tmp_path, tokenizer, tasks):
+    a = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "a", max_steps=3), train_dataset=tasks,
+                   processing_class=tokenizer)
+    a.train()
+    b = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "b", max_steps=3), train_dataset=tasks,
+                   processing_class=tokenizer)
+    b.train()
+    for t in tasks:
+        assert a.cores[t] == b.cores[t]
+    reuse = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "c", max_steps=3,
+                                                            masks_from=str(tmp_path / "a" / "out")),
+                       train_dataset=tasks, processing_class=tokenizer)
+    reuse.train()
+    assert reuse.plan.stages == a.plan.stages and reuse.plan.jaccard == a.plan.jaccard
+    assert not (tmp_path / "c" / "out" / "dpi" / "probes").exists()
+    assert not any(r["phase"].startswith("probe") for r in reuse.stage_history)
+
+
+def test_task_column_dataset_and_baselines(tmp_path, tokenizer, tasks):
+    mixed = concatenate_datasets([ds.add_column("task", [t] * len(ds)) for t, ds in tasks.items()]).shuffle(seed=1)
+    tr = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, staging="random", max_steps=3),
+                    train_dataset=mixed, processing_class=tokenizer)
+    assert list(tr.tasks) == list(dict.fromkeys(mixed["task"]))
+    tr.train()
+    assert len(tr.plan.stages) == 3 and tr.plan.frozen_counts == [0, 0, 0]
+    assert not (tmp_path / "out" / "dpi" / "probes").exists()  # baselines without freezing never probe
+    mt = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "m", staging="multitask", max_steps=3),
+                    train_dataset=tasks, processing_class=tokenizer)
+    mt.train()
+    assert mt.plan.stages == [["add", "rev", "upper"]]
+    given = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "g", staging="given", max_steps=4,
+                                                            stage_groups=[["add", "rev"], ["upper"]]),
+                       train_dataset=tasks, processing_class=tokenizer)
+    given.train()
+    assert given.plan.stages == [["add", "rev"], ["upper"]]
+    assert [r["steps"] for r in given.stage_history] == [3, 1]  # proportional to 48 vs 24 examples
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(core_fraction=0.0), "core_fraction"),
+    (dict(core_fraction=1.5), "core_fraction"),
+    (dict(jaccard_threshold=2.0), "jaccard_threshold"),
+    (dict(staging="sideways"), "staging"),
+    (dict(staging="given"), "stage_groups"),
+    (dict(core_scope="layer"), "core_scope"),
+    (dict(probe_steps=0), "probe_steps"),
+])
+def test_config_errors(tmp_path, bad, match):
+    with pytest.raises(DPIConfigError, match=match):
+        dpi_args(tmp_path, **bad)
+
+
+def test_trainer_input_errors(tmp_path, tokenizer, tasks):
+    from datasets import Dataset
+
+    with pytest.raises(DPIConfigError, match="empty"):
+        DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path), processing_class=tokenizer,
+                   train_dataset={"add": tasks["add"], "none": Dataset.from_list([])})
+    with pytest.raises(DPIConfigError, match="unknown tasks"):
+        DPITrainer(tiny_llama(tokenizer), processing_class=tokenizer, train_dataset=tasks,
+                   args=dpi_args(tmp_path, staging="given", stage_groups=[["add", "rev"], ["chat"]]))
+    with pytest.raises(DPIConfigError, match="at least two tasks"):
+        DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, core_fraction=0.02), processing_class=tokenizer,
+                   train_dataset=tasks["add"].add_column("task", ["add"] * len(tasks["add"])))
+    with pytest.raises(DPIConfigError, match="no DPI artifacts"):
+        DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, masks_from=str(tmp_path)),
+                   processing_class=tokenizer, train_dataset=tasks)
+    assert not (tmp_path / "out").exists()  # nothing written before the errors
+
+
+def test_masks_from_another_model_refused(tmp_path, tokenizer, tasks):
+    a = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "a", max_steps=3), train_dataset=tasks,
+                   processing_class=tokenizer)
+    a.train()
+    from dpi_hf import FingerprintMismatchError
+
+    with pytest.raises(FingerprintMismatchError, match="another model"):
+        DPITrainer(tiny_llama(tokenizer, hidden=48), processing_class=tokenizer, train_dataset=tasks,
+                   args=dpi_args(tmp_path / "b", masks_from=str(tmp_path / "a" / "out")))
+    with pytest.raises(DPIConfigError, match="no core for tasks"):
+        DPITrainer(tiny_llama(tokenizer), processing_class=tokenizer,
+                   train_dataset={**tasks, "extra": tasks["add"]},
+                   args=dpi_args(tmp_path / "c", masks_from=str(tmp_path / "a" / "out")))
