@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from safetensors.torch import load_file, save_file
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from .artifacts import (
@@ -283,10 +283,12 @@ class DPITrainer(SFTTrainer):
                     p.data.copy_(state[n])
 
     def _run_phase(self, name: str, dataset: Dataset, *, max_steps: int, epochs: float | None, lr: float,
-                   callbacks=(), resume: bool = False):
+                   callbacks=(), resume: bool = False, save: bool = True):
         """One ordinary Trainer.train() on ``dataset`` with a fresh optimizer/scheduler and its own output dir."""
         a = self.args
-        saved = (a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name)
+        saved = (a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name, a.save_strategy)
+        if not save:
+            a.save_strategy = SaveStrategy.NO
         a.output_dir = str(Path(self._base_output_dir) / DPI_DIR / "runs" / name)
         a.max_steps = max_steps if epochs is None else -1
         if epochs is not None:
@@ -306,7 +308,7 @@ class DPITrainer(SFTTrainer):
         finally:
             for cb in callbacks:
                 self.remove_callback(cb)
-            a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name = saved
+            a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name, a.save_strategy = saved
             self.optimizer, self.lr_scheduler = None, None
             self.accelerator._optimizers.clear()
             self.accelerator._schedulers.clear()
@@ -339,7 +341,7 @@ class DPITrainer(SFTTrainer):
                                       reference=theta0, task_name=task)
             t0 = time.perf_counter()
             self._run_phase(f"probe-{_safe_name(task)}", self._task_train[task], max_steps=steps, epochs=epochs,
-                            lr=lr, callbacks=[probe])
+                            lr=lr, callbacks=[probe], save=False)  # a killed probe restarts from θ0
             cores[task] = probe.core
             self.stage_history.append({"phase": f"probe {task}", "seconds": time.perf_counter() - t0})
             if self.is_world_process_zero():
@@ -424,9 +426,9 @@ class DPITrainer(SFTTrainer):
                 record["eval"] = metrics
                 forgetting.append({"stage": k + 1, **{key: v for key, v in metrics.items() if key.endswith("_loss")}})
             self.stage_history.append(record)
+            if a.save_stage_models:  # every rank: save_model synchronises the processes itself
+                self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
             if self.is_world_process_zero():
-                if a.save_stage_models:
-                    self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
                 state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
                 runs = self._dpi_dir / "runs"
                 runs.mkdir(parents=True, exist_ok=True)

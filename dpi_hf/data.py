@@ -1,0 +1,514 @@
+"""Tasks as datasets for SFT and evaluation.
+
+A task is described by a :class:`TaskSpec` (usually one entry of a recipe's ``tasks:`` list) and loaded by
+:func:`load_task` into a :class:`datasets.DatasetDict` with a ``train`` split and, when ``eval_samples > 0``, a
+held-out ``eval`` split. Every row is in TRL's conversational prompt-completion format, so ``SFTTrainer`` computes
+the loss on the completion only:
+
+- ``prompt``: list of chat messages (an optional system message, then the user turn(s));
+- ``completion``: list with the assistant message to learn;
+- ``task``: the task name;
+- ``reference``: the gold final answer as a string (GSM8K: the number after ``####``; LogiQA: the letter;
+  Alpaca/CodeAlpaca: the output text; reasoning-gym: the entry's answer);
+- ``meta``: a JSON string with what an evaluator needs (LogiQA: options and letter; reasoning-gym: the entry or
+  the recipe to regenerate it, see :func:`score_reasoning_gym`).
+
+Sampling: records are permuted with ``seed``; the first ``eval_samples`` form the eval split and the next
+``max_samples`` (default: all the rest) the training split. The eval split therefore does not change when
+``max_samples`` does. Both splits keep the source order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import datasets
+import numpy as np
+
+from .core.errors import DPIConfigError
+
+FILE_SOURCES = ("gsm8k_jsonl", "logiqa_txt", "alpaca_json", "prompt_completion", "messages")
+SOURCES = ("hub",) + FILE_SOURCES + ("reasoning_gym",)
+COLUMN_ROLES = ("prompt", "completion", "messages", "reference")
+_COLUMN_SOURCES = ("hub", "prompt_completion", "messages")
+
+# Appended to reasoning-gym questions (and LogiQA) so that a model's answer can be found by extract_final_answer.
+ANSWER_INSTRUCTION = 'End your response with the final answer on its own line, in the form "Answer: <answer>".'
+
+_ANSWER_LINE = re.compile(r"^[ \t>*_#]*(?:final[ \t]+)?answer[ \t*_]*:(?P<rest>.*)$", re.IGNORECASE | re.MULTILINE)
+_HASH_LINE = re.compile(r"####(?P<rest>.*)$", re.MULTILINE)
+_LOGIQA_LETTERS = "ABCD"
+_BLOCK_LINES = 8  # LogiQA: blank, letter, context, question, 4 options
+
+
+@dataclass
+class TaskSpec:
+    """One task: where its data comes from and how much of it to use.
+
+    Args:
+        name: the task name (required); it labels rows (``task`` column) and names the task in masks and reports.
+        source: one of :data:`SOURCES`: ``"hub"`` (``datasets.load_dataset``), ``"gsm8k_jsonl"``, ``"logiqa_txt"``,
+            ``"alpaca_json"`` (also CodeAlpaca), ``"prompt_completion"`` (json/jsonl), ``"messages"`` (json/jsonl of
+            chats) or ``"reasoning_gym"`` (procedural; default ``"hub"``).
+        path: the local file for the file sources, the dataset id for ``"hub"``, the dataset name (e.g.
+            ``"gsm_symbolic"``) for ``"reasoning_gym"`` (required).
+        config: the Hub config name (``"hub"`` only; default None).
+        split: the Hub split to read (``"hub"`` only; default ``"train"``).
+        columns: for ``"hub"``, ``"prompt_completion"`` and ``"messages"``: which columns hold the ``prompt``,
+            ``completion``, ``messages`` and ``reference``. A ``prompt`` may name a list of columns, joined with
+            a blank line (e.g. ``["instruction", "input"]``). Default: ``messages`` when the data has that column,
+            else ``prompt``/``completion``. Without a reference column the reference is the final answer found
+            in the completion (see :func:`extract_final_answer`), else the whole completion text.
+        max_samples: how many training examples to keep (default None: all; required for ``"reasoning_gym"``).
+        eval_samples: how many examples to hold out as the ``eval`` split (default 0: no eval split).
+        seed: seeds the sampling and the eval split, and the reasoning-gym generator (default 0).
+        system_prompt: a system message put first in every prompt that has none (default None).
+        kwargs: extra keyword arguments for ``datasets.load_dataset`` (``"hub"``) or
+            ``reasoning_gym.create_dataset`` (``"reasoning_gym"``); not allowed for the file sources.
+    """
+
+    name: str
+    source: str = "hub"
+    path: str | None = None
+    config: str | None = None
+    split: str = "train"
+    columns: dict[str, Any] = field(default_factory=dict)
+    max_samples: int | None = None
+    eval_samples: int = 0
+    seed: int = 0
+    system_prompt: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise DPIConfigError(f"task name must be a non-empty string, got {self.name!r}.")
+        where = f"task {self.name!r}"
+        if self.source not in SOURCES:
+            raise DPIConfigError(f"{where}: unknown source {self.source!r}{_did_you_mean(self.source, SOURCES)}; "
+                                 f"valid sources: {list(SOURCES)}.")
+        if not self.path:
+            raise DPIConfigError(f"{where}: `path` is required for source {self.source!r} (the file, the Hub "
+                                 "dataset id, or the reasoning-gym dataset name).")
+        self.path = str(self.path)
+        if not isinstance(self.split, str) or not self.split:
+            raise DPIConfigError(f"{where}: split must be a split name such as 'train', got {self.split!r}.")
+        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples <= 0):
+            raise DPIConfigError(f"{where}: max_samples must be a positive integer or null, got {self.max_samples!r}.")
+        if not _is_int(self.eval_samples) or self.eval_samples < 0:
+            raise DPIConfigError(f"{where}: eval_samples must be an integer >= 0, got {self.eval_samples!r}.")
+        if not _is_int(self.seed):
+            raise DPIConfigError(f"{where}: seed must be an integer, got {self.seed!r}.")
+        if self.source == "reasoning_gym" and self.max_samples is None:
+            raise DPIConfigError(f"{where}: reasoning_gym tasks are generated, set max_samples (how many).")
+        if self.kwargs and self.source in FILE_SOURCES:
+            raise DPIConfigError(f"{where}: kwargs only apply to the 'hub' and 'reasoning_gym' sources; remove them.")
+        if self.config is not None and self.source != "hub":
+            raise DPIConfigError(f"{where}: config (a Hub config name) only applies to source 'hub'; remove it.")
+        if self.columns and self.source not in _COLUMN_SOURCES:
+            raise DPIConfigError(f"{where}: columns only apply to the sources {list(_COLUMN_SOURCES)}; remove them.")
+        self.columns = dict(self.columns or {})
+        for role, column in self.columns.items():
+            if role not in COLUMN_ROLES:
+                raise DPIConfigError(f"{where}: unknown column role {role!r}{_did_you_mean(role, COLUMN_ROLES)}; "
+                                     f"valid roles: {list(COLUMN_ROLES)}.")
+            if not (isinstance(column, str) or (role == "prompt" and _is_str_list(column))):
+                raise DPIConfigError(f"{where}: columns[{role!r}] must be a column name"
+                                     f"{' or a list of names' if role == 'prompt' else ''}, got {column!r}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TaskSpec":
+        """Build a spec from a mapping (a recipe entry); unknown keys raise :class:`DPIConfigError`.
+
+        Args:
+            data: keys are the field names of :class:`TaskSpec`.
+        """
+        if not isinstance(data, Mapping):
+            raise DPIConfigError(f"a task must be a mapping of TaskSpec fields, got {type(data).__name__}.")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise DPIConfigError(f"task {data.get('name', '?')!r}: unknown key {key!r}"
+                                     f"{_did_you_mean(str(key), valid)}; valid keys: {valid}.")
+        if "name" not in data:
+            raise DPIConfigError(f"a task needs a `name`; got keys {sorted(data)}.")
+        return cls(**data)
+
+
+def load_task(spec: TaskSpec | Mapping[str, Any]) -> datasets.DatasetDict:
+    """Load one task as ``train`` (and ``eval`` when ``spec.eval_samples > 0``) splits; see the module docstring.
+
+    Args:
+        spec: a :class:`TaskSpec` or a mapping accepted by :meth:`TaskSpec.from_dict`.
+
+    Raises:
+        DPIConfigError: unreadable, missing or malformed data (the message names the task and file), or no data.
+    """
+    spec = spec if isinstance(spec, TaskSpec) else TaskSpec.from_dict(spec)
+    records, convert = _source(spec)
+    train_idx, eval_idx = _split_indices(len(records), spec)
+    splits = {"train": train_idx, "eval": eval_idx} if spec.eval_samples else {"train": train_idx}
+    return datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(_convert_all(spec, records, convert, idx)) for split, idx in splits.items()}
+    )
+
+
+def load_tasks(specs) -> dict[str, datasets.DatasetDict]:
+    """Load several tasks, keyed by name in the given order.
+
+    Args:
+        specs: an iterable of :class:`TaskSpec` or mappings.
+
+    Raises:
+        DPIConfigError: two tasks share a name, or any error of :func:`load_task`.
+    """
+    specs = [s if isinstance(s, TaskSpec) else TaskSpec.from_dict(s) for s in specs]
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DPIConfigError(f"task names must be unique; repeated: {duplicates}.")
+    return {s.name: load_task(s) for s in specs}
+
+
+def extract_final_answer(text: str | None) -> str | None:
+    """The final answer in ``text``: after the last ``Answer:`` line or the last ``####``, whichever comes later.
+
+    ``Answer:`` may be written ``Final answer:``, in any case, with markdown emphasis (``**Answer:** 5``). When
+    nothing follows an ``Answer:`` on its line, the answer is the rest of the text (multi-line answers).
+
+    Args:
+        text: a completion or a model's response.
+
+    Returns:
+        The answer, stripped of whitespace and emphasis, or None when there is no marker or nothing after it.
+    """
+    if not text:
+        return None
+    last = max(
+        (m for m in (_last_match(_ANSWER_LINE, text), _last_match(_HASH_LINE, text)) if m is not None),
+        key=lambda m: m.start(),
+        default=None,
+    )
+    if last is None:
+        return None
+    answer = last.group("rest").strip().strip("*_").strip()
+    if not answer and last.re is _ANSWER_LINE:
+        answer = text[last.end():].strip()
+    return answer or None
+
+
+def score_reasoning_gym(answer: str | None, meta: str | Mapping[str, Any]) -> float:
+    """Score ``answer`` with the verifier of the reasoning-gym dataset a row came from.
+
+    Args:
+        answer: the extracted answer (e.g. ``extract_final_answer(response)``); None scores 0.
+        meta: the row's ``meta`` (JSON string or dict) as written by :func:`load_task`. The entry is taken from it
+            when it was stored, else regenerated deterministically from the stored name, size, seed and index.
+
+    Returns:
+        The verifier's score in [0, 1].
+    """
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    if meta.get("source") != "reasoning_gym":
+        raise DPIConfigError(f"score_reasoning_gym needs the meta of a reasoning_gym row, got source "
+                             f"{meta.get('source')!r}.")
+    kwargs = json.dumps(meta["rg_kwargs"], sort_keys=True)  # a hashable cache key
+    dataset = _rg_dataset(meta["rg_name"], meta["rg_size"], meta["rg_seed"], kwargs)
+    entry = meta["entry"] if "entry" in meta else dataset[meta["index"]]
+    return float(dataset.score_answer(answer=answer, entry=entry))
+
+
+# --- sources: each returns (records, convert) where convert(record, index) builds one row -----------------------
+
+
+def _source(spec: TaskSpec) -> tuple[Any, Callable[[Any, int], dict]]:
+    if spec.source == "reasoning_gym":
+        return _reasoning_gym_source(spec)
+    if spec.source == "hub":
+        return _hub_source(spec)
+    if spec.source == "logiqa_txt":
+        return _logiqa_blocks(spec), functools.partial(_logiqa_row, spec)
+    records = _json_records(spec)
+    if spec.source == "gsm8k_jsonl":
+        return records, functools.partial(_gsm8k_row, spec)
+    if spec.source == "alpaca_json":
+        return records, functools.partial(_alpaca_row, spec)
+    return records, _column_converter(spec, _record_keys(records), where=spec.path)
+
+
+def _hub_source(spec: TaskSpec):
+    try:
+        data = datasets.load_dataset(spec.path, spec.config, split=spec.split, **spec.kwargs)
+    except Exception as err:  # network, unknown id/config/split: all surface as one config error
+        raise DPIConfigError(f"task {spec.name!r}: could not load Hub dataset {spec.path!r} (config "
+                             f"{spec.config!r}, split {spec.split!r}): {err}") from err
+    return data, _column_converter(spec, list(data.column_names), where=f"Hub dataset {spec.path!r}")
+
+
+def _reasoning_gym_source(spec: TaskSpec):
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise DPIConfigError("reasoning_gym tasks need `pip install reasoning-gym==0.1.25`.") from err
+    size = spec.max_samples + spec.eval_samples
+    try:
+        dataset = reasoning_gym.create_dataset(spec.path, size=size, seed=spec.seed, **spec.kwargs)
+    except Exception as err:
+        names = sorted(reasoning_gym.factory.DATASETS)
+        raise DPIConfigError(f"task {spec.name!r}: reasoning_gym could not create {spec.path!r} "
+                             f"({err}){_did_you_mean(spec.path, names)}.") from err
+    recipe = {"source": "reasoning_gym", "rg_name": spec.path, "rg_size": size, "rg_seed": spec.seed,
+              "rg_kwargs": spec.kwargs}
+    return dataset, functools.partial(_reasoning_gym_row, spec, recipe)
+
+
+def _convert_all(spec: TaskSpec, records, convert, indices: list[int]) -> list[dict]:
+    rows = []
+    for i in indices:
+        try:
+            rows.append(convert(records[i], i))
+        except DPIConfigError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as err:  # a field missing or of the wrong type
+            raise _record_error(spec, i, f"is malformed ({type(err).__name__}: {err})") from err
+    return rows
+
+
+# --- file readers --------------------------------------------------------------------------------------------------
+
+
+def _read_text(spec: TaskSpec) -> str:
+    try:
+        return Path(spec.path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DPIConfigError(f"task {spec.name!r}: cannot read {spec.path!r} ({err}); check `path`.") from err
+
+
+def _json_records(spec: TaskSpec) -> list[dict]:
+    """A JSON list of objects, or JSON lines (one object per line), whatever the file extension."""
+    text = _read_text(spec)
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise DPIConfigError(f"task {spec.name!r}: {spec.path!r} is not a JSON list or JSON lines ({err}).") from err
+    if not records:
+        raise DPIConfigError(f"task {spec.name!r}: {spec.path!r} holds no records.")
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DPIConfigError(f"task {spec.name!r}: record {bad} of {spec.path!r} is not a JSON object.")
+    return records
+
+
+def _logiqa_blocks(spec: TaskSpec) -> list[list[str]]:
+    lines = _read_text(spec).splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise DPIConfigError(f"task {spec.name!r}: {spec.path!r} holds no records.")
+    if len(lines) % _BLOCK_LINES:
+        raise DPIConfigError(f"task {spec.name!r}: {spec.path!r} has {len(lines)} lines, not a multiple of 8; "
+                             "LogiQA blocks are: blank, letter a-d, context, question, 4 options A.-D.")
+    return [lines[i:i + _BLOCK_LINES] for i in range(0, len(lines), _BLOCK_LINES)]
+
+
+def _record_keys(records: list[dict]) -> list[str]:
+    return sorted(set().union(*(r.keys() for r in records)))
+
+
+# --- row builders --------------------------------------------------------------------------------------------------
+
+
+def _row(spec: TaskSpec, prompt, completion, reference: str, meta: dict) -> dict:
+    """Assemble a row; ``prompt``/``completion`` are a string or a list of messages."""
+    prompt = _messages(prompt, "user")
+    if spec.system_prompt and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": spec.system_prompt}] + prompt
+    return {"prompt": prompt, "completion": _messages(completion, "assistant"), "task": spec.name,
+            "reference": str(reference), "meta": json.dumps(meta)}
+
+
+def _gsm8k_row(spec: TaskSpec, record: dict, index: int) -> dict:
+    question, answer = _fields(spec, record, index, "question", "answer")
+    final = extract_final_answer(answer)
+    if final is None:
+        raise _record_error(spec, index, "has no '#### <number>' final answer")
+    # thousands separators ("1,080") are formatting, not part of the number
+    return _row(spec, question, answer, final.replace(",", ""), {"source": spec.source})
+
+
+def _alpaca_row(spec: TaskSpec, record: dict, index: int) -> dict:
+    instruction, output = _fields(spec, record, index, "instruction", "output")
+    extra = record.get("input") or ""
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return _row(spec, prompt, output, output, {"source": spec.source})
+
+
+def _logiqa_row(spec: TaskSpec, block: list[str], index: int) -> dict:
+    blank, letter, context, question, *options = block
+    letter = letter.strip().upper()
+    if blank.strip() or len(letter) != 1 or letter not in _LOGIQA_LETTERS or not context.strip():
+        raise _record_error(spec, index, f"(lines {index * 8 + 1}-{index * 8 + 8}) is not blank, letter a-d, "
+                                         "context, question, options A.-D.")
+    texts = [_logiqa_option(c, o) for c, o in zip(_LOGIQA_LETTERS, options)]
+    listed = "\n".join(f"{c}. {t}" for c, t in zip(_LOGIQA_LETTERS, texts))
+    instruction = ANSWER_INSTRUCTION.replace("<answer>", "<letter>")
+    prompt = f"{context.strip()}\n\n{question.strip()}\n{listed}\n\n{instruction}"
+    meta = {"source": spec.source, "options": texts, "answer": letter}
+    return _row(spec, prompt, f"Answer: {letter}", letter, meta)
+
+
+def _logiqa_option(label: str, line: str) -> str:
+    """The text of option ``label`` from its line, which in the upstream files is not always ``"A.<text>"``.
+
+    Seen in the LogiQA English files: ``"d.<text>"``, ``"C <text>"`` and the label moved into the sentence by the
+    translation (``"Most of the spirits on the C.S City market"``). Options are positional, so the label is only
+    removed, never trusted.
+    """
+    patterns = (
+        (rf"^\s*{label}\s*\.\s*", re.IGNORECASE),  # "A.text", "d.text"
+        (rf"^\s*{label}\s+(?=[A-Z\"])", 0),  # "C The ..." but not an unlabeled "A person ..."
+        (rf"\b{label}\.", 0),  # label moved into the sentence
+    )
+    for pattern, flags in patterns:
+        text, found = re.subn(pattern, "", line, count=1, flags=flags)
+        if found:
+            return text.strip()
+    return line.strip()
+
+
+def _reasoning_gym_row(spec: TaskSpec, recipe: dict, entry: dict, index: int) -> dict:
+    answer = entry.get("answer")
+    if answer is None:
+        raise _record_error(spec, index, "has no gold answer (reasoning_gym returned None); use another dataset")
+    answer = str(answer)
+    final_line = f"Answer:\n{answer}" if "\n" in answer else f"Answer: {answer}"
+    cot = (entry.get("metadata") or {}).get("answer_cot") if spec.path == "gsm_symbolic" else None
+    # answer_cot ends in GSM8K's "#### <n>" line; the "Answer:" line replaces it so there is one final answer
+    completion = f"{_drop_hash_line(cot)}\n{final_line}" if cot else final_line
+    meta = dict(recipe, index=int(index))
+    if _json_roundtrips(entry):
+        meta["entry"] = entry
+    return _row(spec, f"{entry['question']}\n\n{ANSWER_INSTRUCTION}", completion, answer, meta)
+
+
+def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Callable[[dict, int], dict]:
+    """Row builder for column-mapped data (hub, prompt_completion, messages)."""
+    columns = dict(spec.columns)
+    if "messages" not in columns and "prompt" not in columns:
+        uses_messages = spec.source == "messages" or (spec.source == "hub" and "messages" in available)
+        columns.update({"messages": "messages"} if uses_messages else {"prompt": "prompt", "completion": "completion"})
+    if "prompt" in columns and "completion" not in columns:
+        columns["completion"] = "completion"
+    needed = [c for v in columns.values() for c in ([v] if isinstance(v, str) else v)]
+    missing = [c for c in needed if c not in available]
+    if missing:
+        raise DPIConfigError(f"task {spec.name!r}: {where} has no column(s) {missing}; its columns are {available}. "
+                             "Map them with `columns: {prompt: ..., completion: ...}` or `{messages: ...}`.")
+
+    def convert(record: dict, index: int) -> dict:
+        if "messages" in columns:
+            prompt, completion = _split_chat(spec, record[columns["messages"]], index)
+        else:
+            names = [columns["prompt"]] if isinstance(columns["prompt"], str) else columns["prompt"]
+            prompt = "\n\n".join(str(record[n]) for n in names if record[n]) if len(names) > 1 else record[names[0]]
+            completion = record[columns["completion"]]
+        if not completion or (isinstance(completion, list) and not completion[-1].get("content")):
+            raise _record_error(spec, index, "has an empty completion")
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        reference = record[columns["reference"]] if "reference" in columns else extract_final_answer(text) or text
+        return _row(spec, prompt, completion, reference, {"source": spec.source})
+
+    return convert
+
+
+def _split_chat(spec: TaskSpec, messages, index: int) -> tuple[list[dict], list[dict]]:
+    """(prompt, completion) of a chat: everything before the last assistant turn, and that turn."""
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages or []]
+    if "assistant" not in roles:
+        raise _record_error(spec, index, "has no assistant message to learn")
+    last = len(roles) - 1 - roles[::-1].index("assistant")
+    if last == 0:
+        raise _record_error(spec, index, "starts with the assistant turn: there is no prompt")
+    return messages[:last], [messages[last]]
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+
+
+def _messages(value, role: str) -> list[dict]:
+    """A string becomes one ``role`` message; message lists are kept with only ``role`` and ``content``."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
+
+
+def _fields(spec: TaskSpec, record: dict, index: int, *keys: str) -> list[str]:
+    missing = [k for k in keys if not isinstance(record.get(k), str) or not record[k].strip()]
+    if missing:
+        raise _record_error(spec, index, f"lacks a non-empty string for {missing}")
+    return [record[k] for k in keys]
+
+
+def _record_error(spec: TaskSpec, index: int, problem: str) -> DPIConfigError:
+    return DPIConfigError(f"task {spec.name!r}: record {index} of {spec.path!r} {problem}.")
+
+
+def _split_indices(n: int, spec: TaskSpec) -> tuple[list[int], list[int]]:
+    """Seeded (train, eval) record indices, each sorted; see the module docstring."""
+    if n == 0:
+        raise DPIConfigError(f"task {spec.name!r}: {spec.path!r} gave no examples.")
+    if spec.eval_samples >= n:
+        raise DPIConfigError(f"task {spec.name!r}: eval_samples={spec.eval_samples} leaves no training examples "
+                             f"out of {n}; lower it.")
+    order = np.random.default_rng(spec.seed).permutation(n)
+    held_out = order[:spec.eval_samples]
+    train = order[spec.eval_samples:]
+    if spec.max_samples is not None:
+        train = train[:spec.max_samples]
+    return sorted(train.tolist()), sorted(held_out.tolist())
+
+
+def _drop_hash_line(text: str) -> str:
+    return re.sub(r"\n?[ \t]*####[^\n]*\s*$", "", text.rstrip())
+
+
+def _json_roundtrips(value) -> bool:
+    """True when ``value`` survives JSON unchanged (tuples, sets or objects inside do not)."""
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=32)
+def _rg_dataset(name: str, size: int, seed: int, kwargs_json: str):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(kwargs_json))
+
+
+def _last_match(pattern: re.Pattern, text: str):
+    matches = list(pattern.finditer(text))
+    return matches[-1] if matches else None
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)

@@ -1,0 +1,1 @@
+"""Packaging marker: ships this evaluate module with dpi-hf."""

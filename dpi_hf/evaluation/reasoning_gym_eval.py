@@ -1,0 +1,104 @@
+"""reasoning-gym tasks: the final answer scored by the dataset's own verifier."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any, Callable
+
+from dpi_hf.core.errors import DPIConfigError
+from dpi_hf.evaluation.rows import column, parse_meta
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
+
+
+def extract_final_answer(text: str) -> str:
+    """The final answer in a completion: the content of the last ``<answer>...</answer>`` tag (reasoning-gym's
+    own format), else all the text after the last ``Answer:`` (case-insensitive; the answer may start on the next
+    line or span several lines, as grid answers do), else the whole completion; stripped.
+
+    Args:
+        text: a model completion.
+    """
+    tags = _ANSWER_TAG.findall(text)
+    if tags:
+        return tags[-1].strip()
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:
+        return text[markers[-1].end():].strip()
+    return text.strip()
+
+
+def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
+    """Mean verifier score of the completions on reasoning-gym rows.
+
+    Each row's ``meta`` is either the whole reasoning-gym entry (``question``, ``answer``, ``metadata`` with
+    ``source_dataset``) or a recipe ``{"rg_name", "rg_seed", "rg_size", "index"}`` that regenerates it with
+    ``reasoning_gym.create_dataset(rg_name, size=rg_size, seed=rg_seed)[index]``. The score is the dataset's
+    ``score_answer(answer=extract_final_answer(completion), entry=entry)`` in [0, 1] (partial credit where the
+    dataset gives it).
+
+    Args:
+        completions: model outputs, one per row.
+        dataset: rows with a ``meta`` column.
+
+    Returns:
+        ``{"metric": "reasoning_gym", "reasoning_gym": mean score in [0, 1], "n", "unparsable": empty answers
+        (scored by the verifier like any other, usually 0), "by_dataset": {name: mean score}}``.
+
+    Raises:
+        DPIConfigError: lengths differ, no rows, or a ``meta`` that is neither form.
+    """
+    metas = column(dataset, "meta")
+    if len(completions) != len(metas):
+        raise DPIConfigError(f"completions ({len(completions)}) and dataset rows ({len(metas)}) must match")
+    if not completions:
+        raise DPIConfigError("completions: empty; reasoning-gym scoring needs at least one row")
+    scores: list[float] = []
+    names: list[str] = []
+    unparsable = 0
+    for i, (completion, value) in enumerate(zip(completions, metas)):
+        name, entry, score_answer = _resolve(parse_meta(value, i), i)
+        answer = extract_final_answer(completion)
+        unparsable += not answer
+        scores.append(float(score_answer(answer=answer, entry=entry)))
+        names.append(name)
+    by_dataset: dict[str, list[float]] = {}
+    for name, score in zip(names, scores):
+        by_dataset.setdefault(name, []).append(score)
+    return {"metric": "reasoning_gym", "reasoning_gym": sum(scores) / len(scores), "n": len(scores),
+            "unparsable": unparsable, "by_dataset": {k: sum(v) / len(v) for k, v in sorted(by_dataset.items())}}
+
+
+def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:
+    """(dataset name, entry, score function) for one row's meta."""
+    if "rg_name" in meta:
+        try:
+            dataset = _regenerated(str(meta["rg_name"]), int(meta["rg_size"]), int(meta["rg_seed"]))
+            return str(meta["rg_name"]), dataset[int(meta["index"])], dataset.score_answer
+        except KeyError as exc:
+            raise DPIConfigError(f"dataset: row {index}: meta recipe lacks {exc}; it needs rg_name, rg_seed, "
+                                 "rg_size and index") from None
+    source = meta.get("metadata", {}).get("source_dataset") if isinstance(meta.get("metadata"), dict) else None
+    if source is None or "answer" not in meta:
+        raise DPIConfigError(
+            f"dataset: row {index}: meta is neither a reasoning-gym entry (question/answer/metadata.source_dataset) "
+            "nor a recipe {rg_name, rg_seed, rg_size, index}"
+        )
+    return str(source), meta, _score_function(str(source))
+
+
+@lru_cache(maxsize=32)
+def _regenerated(name: str, size: int, seed: int) -> Any:
+    # regenerating is deterministic but not free: every row of a recipe shares one dataset object
+    import reasoning_gym  # optional dependency (the "quickstart"/"eval" extras)
+
+    return reasoning_gym.create_dataset(name, size=size, seed=seed)
+
+
+@lru_cache(maxsize=64)
+def _score_function(name: str) -> Callable[..., float]:
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(name)

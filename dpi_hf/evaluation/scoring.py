@@ -1,0 +1,75 @@
+"""Log-likelihood of token continuations given contexts, batched (used by held-out NLL and LogiQA)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpi_hf.core.errors import DPIConfigError
+
+
+def continuation_logprobs(
+    model: Any,
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+) -> list[tuple[float, int]]:
+    """Sum of log-probabilities of each continuation's tokens given its context.
+
+    Each pair is (context ids, continuation ids), tokenised separately and concatenated, so the continuation's
+    tokens are exactly the ones scored. Sequences are right-padded (padding masked) and batched in order of length;
+    log-softmax is taken in float32 over the continuation positions only, so the full-vocabulary log-probabilities
+    of the context are never materialised. The model's train/eval mode is restored afterwards.
+
+    Args:
+        model: a causal LM returning ``.logits``.
+        pairs: (context ids, continuation ids); each context needs at least one token and each continuation at
+            least one token.
+        pad_token_id: the id used for padding.
+        batch_size: sequences per forward pass (default 8).
+
+    Returns:
+        (sum of log-probabilities, number of continuation tokens) per pair, in the order of ``pairs``.
+
+    Raises:
+        DPIConfigError: an empty context or continuation, or a non-positive ``batch_size``.
+    """
+    if batch_size < 1:
+        raise DPIConfigError(f"batch_size must be >= 1, got {batch_size}")
+    for i, (context, continuation) in enumerate(pairs):
+        if not context or not continuation:
+            raise DPIConfigError(
+                f"pair {i}: the context and the continuation each need at least one token "
+                f"(got {len(context)} and {len(continuation)})"
+            )
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                sequences = [pairs[i][0] + pairs[i][1] for i in batch]
+                width = max(len(s) for s in sequences)
+                input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, seq in enumerate(sequences):
+                    input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    attention_mask[row, :len(seq)] = 1
+                logits = model(
+                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)
+                ).logits
+                for row, i in enumerate(batch):
+                    context, continuation = pairs[i]
+                    # logits at position t predict token t + 1
+                    first, last = len(context) - 1, len(context) + len(continuation) - 1
+                    logprobs = torch.log_softmax(logits[row, first:last].float(), dim=-1)
+                    targets = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+                    total = logprobs.gather(-1, targets[:, None]).sum().item()
+                    results[i] = (total, len(continuation))
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,65 @@
+"""A DPI run on the tiny test model, driven from tests in a subprocess (kill/resume and torchrun DDP tests).
+
+usage: run_dpi.py OUT_DIR [--kill-at PHASE:STEP] [--resume] [--report FILE]
+  --kill-at probe-rev:2   SIGKILL this process when phase `probe-rev` reaches optimizer step 2
+  --report FILE           write per-rank facts (parameter hash, cores, plan) as JSON to FILE.<rank>
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import build_tokenizer, make_tasks, tiny_llama  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from dpi_hf import DPIConfig, DPITrainer  # noqa: E402
+
+
+class KillAt(TrainerCallback):
+    def __init__(self, phase, step):
+        self.phase, self.step = phase, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if Path(args.output_dir).name == self.phase and state.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--kill-at")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--report")
+    ns = ap.parse_args()
+    torch.set_num_threads(1)
+    tok = build_tokenizer()
+    args = DPIConfig(output_dir=ns.out, per_device_train_batch_size=2, learning_rate=1e-2, max_steps=12,
+                     probe_steps=4, core_fraction=0.05, jaccard_threshold=1.0, logging_steps=1, save_strategy="steps",
+                     save_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     max_length=64, seed=0, disable_tqdm=True, save_stage_models=True, weight_decay=0.1)
+    callbacks = []
+    if ns.kill_at:
+        phase, step = ns.kill_at.split(":")
+        callbacks.append(KillAt(phase, int(step)))
+    trainer = DPITrainer(tiny_llama(tok), args=args, train_dataset=make_tasks(), processing_class=tok,
+                         callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=ns.resume or None)
+    if ns.report:
+        h = hashlib.sha256()
+        for n, p in trainer.model.named_parameters():
+            h.update(p.detach().cpu().numpy().tobytes())
+        report = {"params": h.hexdigest(), "stages": trainer.plan.stages, "jaccard": trainer.plan.jaccard,
+                  "cores": {t: c.indices(c.names()[0]).tolist()[:50] + [c.count()] for t, c in trainer.cores.items()},
+                  "world_size": trainer.args.world_size}
+        Path(f"{ns.report}.{trainer.args.process_index}").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Kill/resume and 2-process DDP runs of DPITrainer, each in subprocesses (tiny model, CPU, gloo)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dpi_hf import load_cores
+from dpi_hf.artifacts import load_dpi_artifacts
+
+SCRIPT = Path(__file__).parent / "scripts" / "run_dpi.py"
+pytestmark = pytest.mark.slow
+
+
+def run(*args, torchrun=False):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if torchrun:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(SCRIPT), *args]
+    else:
+        cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def report(path):
+    return json.loads(Path(f"{path}.0").read_text())
+
+
+def assert_frozen_intact(out: Path):
+    cores, plan = load_dpi_artifacts(out)
+    for k in range(1, len(plan.stages)):
+        frozen = plan.frozen_before(k)
+        before = load_file(str(out / f"stage-{k - 1}" / "model.safetensors"))
+        after = load_file(str(out / f"stage-{k}" / "model.safetensors"))
+        for name in frozen.names():
+            idx = frozen.indices(name)
+            a, b = before[name].reshape(-1)[idx], after[name].reshape(-1)[idx]
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (k, name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = run(str(out / "run"), "--report", str(out / "rep"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "run", report(out / "rep")
+
+
+@pytest.mark.parametrize("kill_at", ["probe-rev:2", "stage-1:2"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, kill_at):
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    killed = run(str(out), "--kill-at", kill_at)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    probes = out / "dpi" / "probes"
+    if kill_at.startswith("probe"):
+        assert (probes / "add.safetensors").is_file() and not (probes / "rev.safetensors").exists()
+    else:
+        assert json.loads((out / "dpi" / "progress.json").read_text())["finished_stages"] == [0]
+        assert any((out / "dpi" / "runs" / "stage-1").glob("checkpoint-*"))
+    resumed = run(str(out), "--resume", "--report", str(tmp_path / "rep"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if kill_at.startswith("stage"):
+        assert "resuming after stage 1" in resumed.stderr + resumed.stdout
+        assert "probe 1/3 add already done" in resumed.stderr + resumed.stdout
+    rep = report(tmp_path / "rep")
+    assert rep["cores"] == ref["cores"] and rep["stages"] == ref["stages"] and rep["jaccard"] == ref["jaccard"]
+    ref_cores, _ = load_dpi_artifacts(ref_out)
+    cores, _ = load_dpi_artifacts(out)
+    assert all(cores[t] == ref_cores[t] for t in ref_cores)
+    assert_frozen_intact(out)
+    assert rep["params"] == ref["params"]  # resume is exact: same final weights as the uninterrupted run
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes(tmp_path, reference):
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    r = run(str(out), "--report", str(tmp_path / "rep"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.loads(Path(f"{tmp_path / 'rep'}.{i}").read_text()) for i in range(2)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0] == ranks[1]  # identical parameters, cores and plan on both ranks
+    assert_frozen_intact(out)
+    assert list(load_cores(out / "dpi" / "cores.safetensors")) == ["add", "rev", "upper"]
