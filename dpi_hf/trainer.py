@@ -8,13 +8,13 @@ a task column): ``train()`` runs
 2. the plan — ``plan_stages`` on the cores (or the baselines' fixed stages);
 3. stages — from θ0, each stage trains on the mixture of its tasks with the earlier stages' cores frozen.
 
-Each phase is an ordinary ``Trainer.train()`` call with its own output folder under ``output_dir/dpi/runs/`` (so
+Each phase is an ordinary ``Trainer.train()`` call with its own output folder under ``output_dir/_dpi_runs/`` (so
 checkpoints, resume and the progress bar work per phase) and a fresh optimizer: Adam moments built on earlier
 tasks' data would keep pushing the next stage along those tasks' directions, and a stage that starts from its own
 optimizer state can be resumed from its own checkpoint alone.
 
-Resume (``train(resume_from_checkpoint=True)``): finished probes (``dpi/probes/<task>.safetensors``) and finished
-stages (``dpi/progress.json``) are skipped, the model is reloaded from the last finished stage, and the interrupted
+Resume (``train(resume_from_checkpoint=True)``): finished probes (``_dpi_runs/probes/<task>.safetensors``) and finished
+stages (``_dpi_runs/progress.json``) are skipped, the model is reloaded from the last finished stage, and the interrupted
 stage continues from its last checkpoint with the same frozen set.
 
 Distributed (DDP): every rank runs the same probes on its shard of the data; gradients are all-reduced, so θ after
@@ -57,6 +57,7 @@ if not _library_logger.handlers:  # like transformers: the library's phase lines
     _library_logger.addHandler(_handler)
     _library_logger.propagate = False
 
+RUNS_DIR = "_dpi_runs"
 _DATA_COLUMNS = ("prompt", "completion", "messages", "text", "input_ids", "labels", "tools", "chat_template_kwargs")
 
 
@@ -249,6 +250,11 @@ class DPITrainer(SFTTrainer):
     def _dpi_dir(self) -> Path:
         return Path(self._base_output_dir) / DPI_DIR
 
+    @property
+    def _runs_dir(self) -> Path:
+        # resume state and per-phase checkpoints; the leading "_" keeps them out of Trainer.push_to_hub's upload
+        return Path(self._base_output_dir) / RUNS_DIR
+
     def _settings(self) -> dict:
         a = self.args
         return {
@@ -265,12 +271,11 @@ class DPITrainer(SFTTrainer):
         }
 
     def _progress(self) -> dict:
-        path = self._dpi_dir / "progress.json"
+        path = self._runs_dir / "progress.json"
         return json.loads(path.read_text()) if path.is_file() else {"finished_stages": [], "stage_history": []}
 
-    def _write_json(self, name: str, obj) -> None:
+    def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
-            path = self._dpi_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(obj, indent=2))
@@ -289,7 +294,7 @@ class DPITrainer(SFTTrainer):
         saved = (a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name, a.save_strategy)
         if not save:
             a.save_strategy = SaveStrategy.NO
-        a.output_dir = str(Path(self._base_output_dir) / DPI_DIR / "runs" / name)
+        a.output_dir = str(self._runs_dir / name)
         a.max_steps = max_steps if epochs is None else -1
         if epochs is not None:
             a.num_train_epochs = epochs
@@ -330,7 +335,7 @@ class DPITrainer(SFTTrainer):
         lr = a.probe_learning_rate or a.learning_rate
         n = len(self.tasks)
         for i, task in enumerate(self.tasks):
-            path = self._dpi_dir / "probes" / f"{_safe_name(task)}.safetensors"
+            path = self._runs_dir / "probes" / f"{_safe_name(task)}.safetensors"
             if resume and path.is_file():
                 cores[task] = load_cores(path, model=self.model)[task]
                 logger.info("DPI: probe %d/%d %s already done (%s)", i + 1, n, task, path)
@@ -378,8 +383,8 @@ class DPITrainer(SFTTrainer):
         self._base_output_dir = a.output_dir
         t_start = time.perf_counter()
         progress = self._progress() if resume else {"finished_stages": [], "stage_history": []}
-        if not resume and self.is_world_process_zero() and (self._dpi_dir / "progress.json").exists():
-            (self._dpi_dir / "progress.json").unlink()
+        if not resume and self.is_world_process_zero() and (self._runs_dir / "progress.json").exists():
+            (self._runs_dir / "progress.json").unlink()
         theta0 = snapshot_parameters(self.model)
 
         cores = self._probe_all(theta0, resume) if a.needs_probes else None
@@ -400,7 +405,7 @@ class DPITrainer(SFTTrainer):
         self.stage_history = progress.get("stage_history", []) + self.stage_history
         if finished:
             last = max(finished)
-            self._restore(load_file(str(self._dpi_dir / "runs" / "last-stage.safetensors")))
+            self._restore(load_file(str(self._runs_dir / "last-stage.safetensors")))
             logger.info("DPI: resuming after stage %d", last + 1)
         forgetting = progress.get("forgetting", [])
         total_loss, total_steps = 0.0, 0
@@ -430,16 +435,16 @@ class DPITrainer(SFTTrainer):
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
             if self.is_world_process_zero():
                 state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-                runs = self._dpi_dir / "runs"
+                runs = self._runs_dir
                 runs.mkdir(parents=True, exist_ok=True)
                 save_file(state, str(runs / "last-stage.safetensors.tmp"))
                 (runs / "last-stage.safetensors.tmp").replace(runs / "last-stage.safetensors")
             finished.append(k)
-            self._write_json("progress.json", {"finished_stages": finished, "stage_history": self.stage_history,
+            self._write_json(self._runs_dir / "progress.json", {"finished_stages": finished, "stage_history": self.stage_history,
                                                "forgetting": forgetting})
             self.accelerator.wait_for_everyone()
         if forgetting:
-            self._write_json("forgetting.json", forgetting)
+            self._write_json(self._dpi_dir / "forgetting.json", forgetting)
         if self.is_world_process_zero():
             write_model_card(self._base_output_dir, plan, self._settings())
         metrics = {"train_runtime": time.perf_counter() - t_start, "dpi_stages": len(plan.stages)}

@@ -61,12 +61,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, kill_at)
     out = tmp_path / "run"
     killed = run(str(out), "--kill-at", kill_at)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    probes = out / "dpi" / "probes"
+    probes = out / "_dpi_runs" / "probes"
     if kill_at.startswith("probe"):
         assert (probes / "add.safetensors").is_file() and not (probes / "rev.safetensors").exists()
     else:
-        assert json.loads((out / "dpi" / "progress.json").read_text())["finished_stages"] == [0]
-        assert any((out / "dpi" / "runs" / "stage-1").glob("checkpoint-*"))
+        assert json.loads((out / "_dpi_runs" / "progress.json").read_text())["finished_stages"] == [0]
+        assert any((out / "_dpi_runs" / "stage-1").glob("checkpoint-*"))
     resumed = run(str(out), "--resume", "--report", str(tmp_path / "rep"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     if kill_at.startswith("stage"):

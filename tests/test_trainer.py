@@ -105,7 +105,7 @@ def test_probes_reproducible_and_masks_from_skips_probes(tmp_path, tokenizer, ta
                        train_dataset=tasks, processing_class=tokenizer)
     reuse.train()
     assert reuse.plan.stages == a.plan.stages and reuse.plan.jaccard == a.plan.jaccard
-    assert not (tmp_path / "c" / "out" / "dpi" / "probes").exists()
+    assert not (tmp_path / "c" / "out" / "_dpi_runs" / "probes").exists()
     assert not any(r["phase"].startswith("probe") for r in reuse.stage_history)
 
 
@@ -116,7 +116,7 @@ def test_task_column_dataset_and_baselines(tmp_path, tokenizer, tasks):
     assert list(tr.tasks) == list(dict.fromkeys(mixed["task"]))
     tr.train()
     assert len(tr.plan.stages) == 3 and tr.plan.frozen_counts == [0, 0, 0]
-    assert not (tmp_path / "out" / "dpi" / "probes").exists()  # baselines without freezing never probe
+    assert not (tmp_path / "out" / "_dpi_runs" / "probes").exists()  # baselines without freezing never probe
     mt = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "m", staging="multitask", max_steps=3),
                     train_dataset=tasks, processing_class=tokenizer)
     mt.train()
@@ -174,3 +174,78 @@ def test_masks_from_another_model_refused(tmp_path, tokenizer, tasks):
         DPITrainer(tiny_llama(tokenizer), processing_class=tokenizer,
                    train_dataset={**tasks, "extra": tasks["add"]},
                    args=dpi_args(tmp_path / "c", masks_from=str(tmp_path / "a" / "out")))
+
+
+def test_push_to_hub_uploads_model_masks_plan_and_card(tmp_path, tokenizer, tasks, monkeypatch):
+    import fnmatch
+    import types
+
+    import transformers.trainer as hf_trainer
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            return types.SimpleNamespace(repo_id=f"me/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kw):
+            from pathlib import Path
+
+            files = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+            uploaded["repo"] = repo_id
+            uploaded["files"] = [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in ignore_patterns)]
+            return "ok"
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: FakeApi())
+    trainer = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, max_steps=3), train_dataset=tasks,
+                         processing_class=tokenizer)
+    trainer.train()
+    trainer.push_to_hub()
+    files = uploaded["files"]
+    for f in ("model.safetensors", "README.md", "dpi/cores.safetensors", "dpi/plan.json", "dpi/overlap.png"):
+        assert f in files, f
+    assert not any(f.startswith("_dpi_runs") for f in files)  # checkpoints and resume state stay local
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "dpi:" in card and "Dynamic Parameter Isolation" in card and "| stage | tasks |" in card
+
+
+def test_callbacks_in_a_plain_trainer(tmp_path, tokenizer, tasks):
+    """CoreProbeCallback then FreezeMaskCallback in transformers.Trainer (no TRL) keep their promises."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from dpi_hf import CoreProbeCallback, FreezeMaskCallback
+
+    def tokenize(ds):
+        def fn(ex):
+            text = ex["prompt"][0]["content"] + " = " + ex["completion"][0]["content"]
+            return tokenizer(text, truncation=True, max_length=32)
+        return ds.map(fn, remove_columns=ds.column_names)
+
+    args = TrainingArguments(output_dir=str(tmp_path / "p"), per_device_train_batch_size=4, max_steps=5,
+                             learning_rate=1e-2, weight_decay=0.1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    model = tiny_llama(tokenizer)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = CoreProbeCallback(core_fraction=0.02, task_name="add", save_path=tmp_path / "add.safetensors")
+    Trainer(model=model, args=args, train_dataset=tokenize(tasks["add"]), data_collator=collator,
+            callbacks=[probe]).train()
+    n = sum(p.numel() for p in model.parameters())
+    assert probe.core.count() == int(0.02 * n)
+    assert load_cores(tmp_path / "add.safetensors", model=model)["add"] == probe.core
+    # the core holds the largest updates: its smallest |Δ| ≥ the largest |Δ| outside it
+    deltas = {k: (p.detach() - theta0[k]).abs().reshape(-1) for k, p in model.named_parameters()}
+    inside = torch.cat([deltas[k][probe.core.indices(k)] for k in deltas])
+    outside = torch.cat([deltas[k][~probe.core.dense(k).reshape(-1)] for k in deltas])
+    assert inside.min() >= outside.max()
+
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    freeze = FreezeMaskCallback(probe.core)
+    Trainer(model=model, args=args, train_dataset=tokenize(tasks["rev"]), data_collator=collator,
+            callbacks=[freeze]).train()
+    moved = 0
+    for k, p in model.named_parameters():
+        idx = probe.core.indices(k)
+        assert torch.equal(p.detach().reshape(-1)[idx].view(torch.int32), before[k].reshape(-1)[idx].view(torch.int32))
+        moved += int((p.detach() != before[k]).sum())
+    assert moved > 0 and freeze.freezer is None  # detached at the end
