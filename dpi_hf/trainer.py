@@ -46,7 +46,7 @@ from .artifacts import (
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
 from .core import load_cores, plan_stages, save_cores
-from .core.errors import DPIConfigError
+from .core.errors import DPIConfigError, ProbeDivergedError
 from .core.planning import StagePlan, plan_from_groups
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ class DPITrainer(SFTTrainer):
         if args.masks_from is not None and args.needs_probes and not isinstance(model, str):
             self._preloaded_cores = self._load_masks(args, model)
         _library_logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
-        eval_split = split_tasks(eval_dataset, args.task_column) if isinstance(eval_dataset, Dataset) else eval_dataset
+        eval_split = eval_dataset
+        if isinstance(eval_dataset, Dataset):  # a task column → one eval set per task, logged as eval_<task>_loss
+            eval_split = split_tasks(eval_dataset, args.task_column) or eval_dataset
         mixture = self._mixture(self.tasks, args.task_column)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixture,
                          eval_dataset=eval_split, **kwargs)
@@ -345,8 +347,11 @@ class DPITrainer(SFTTrainer):
             probe = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude,
                                       reference=theta0, task_name=task)
             t0 = time.perf_counter()
-            self._run_phase(f"probe-{_safe_name(task)}", self._task_train[task], max_steps=steps, epochs=epochs,
-                            lr=lr, callbacks=[probe], save=False)  # a killed probe restarts from θ0
+            try:
+                self._run_phase(f"probe-{_safe_name(task)}", self._task_train[task], max_steps=steps, epochs=epochs,
+                                lr=lr, callbacks=[probe], save=False)  # a killed probe restarts from θ0
+            except ProbeDivergedError as e:
+                raise ProbeDivergedError(f"the probe of task {task!r} diverged: {e}") from None
             cores[task] = probe.core
             self.stage_history.append({"phase": f"probe {task}", "seconds": time.perf_counter() - t0})
             if self.is_world_process_zero():

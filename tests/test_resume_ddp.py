@@ -92,3 +92,23 @@ def test_ddp_two_processes(tmp_path, reference):
     assert ranks[0] == ranks[1]  # identical parameters, cores and plan on both ranks
     assert_frozen_intact(out)
     assert list(load_cores(out / "dpi" / "cores.safetensors")) == ["add", "rev", "upper"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_sharded_freeze(tmp_path):
+    """FSDP2 shards parameters on dim 0 across 2 CPU ranks; the mask is applied per local shard."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).parent / "scripts" / "fsdp2_freeze.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "rep")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    reports = [json.loads(Path(f"{tmp_path / 'rep'}.{i}").read_text()) for i in range(2)]
+    for rep in reports:
+        assert rep["frozen_identical"] and rep["moved"] > 0
+    # really sharded: the 32x16 weight is 16x16 on each rank, the 7-row weight splits 4 + 3
+    assert reports[0]["local_rows"][0] == [16, 16] and reports[1]["local_rows"][0] == [16, 16]
+    assert reports[0]["local_rows"][2][0] == 4 and reports[1]["local_rows"][2][0] == 3

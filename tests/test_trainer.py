@@ -249,3 +249,15 @@ def test_callbacks_in_a_plain_trainer(tmp_path, tokenizer, tasks):
         assert torch.equal(p.detach().reshape(-1)[idx].view(torch.int32), before[k].reshape(-1)[idx].view(torch.int32))
         moved += int((p.detach() != before[k]).sum())
     assert moved > 0 and freeze.freezer is None  # detached at the end
+
+
+def test_diverged_probe_names_the_task(tmp_path, tokenizer, tasks):
+    from dpi_hf import ProbeDivergedError
+
+    trainer = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, probe_learning_rate=1e38, max_grad_norm=0,
+                                                              max_steps=3), train_dataset=tasks,
+                         processing_class=tokenizer)
+    with pytest.raises(ProbeDivergedError, match="probe of task 'add' diverged"):
+        trainer.train()
+    assert not (tmp_path / "out" / "dpi" / "cores.safetensors").exists()
+    assert not (tmp_path / "out" / "README.md").exists()
