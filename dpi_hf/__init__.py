@@ -4,7 +4,8 @@ The torch-only engine (:mod:`dpi_hf.core`) is imported eagerly; the Trainer glue
 trl, a few seconds) is imported on first use of its names.
 """
 
-from .core import (
+from .core import __all__ as _core_all
+from .core import (  # noqa: F401  (re-exported, listed in __all__)
     CoreMask,
     DPIConfigError,
     FingerprintMismatchError,
@@ -42,21 +43,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'dpi_hf' has no attribute {name!r}")
 
 
-__all__ = [
-    "CoreMask",
-    "DPIConfigError",
-    "FingerprintMismatchError",
-    "MaskFileError",
-    "ParameterFreezer",
-    "ProbeDivergedError",
-    "StagePlan",
-    "check_fingerprint",
-    "load_cores",
-    "model_fingerprint",
-    "plan_stages",
-    "read_cores_metadata",
-    "save_cores",
-    "select_core",
-    "update_magnitudes",
-    *_LAZY,
-]
+__all__ = [*_core_all, *_LAZY]
