@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from functools import lru_cache
 from typing import Any, Callable
@@ -75,8 +76,12 @@ def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:
     """(dataset name, entry, score function) for one row's meta."""
     if "rg_name" in meta:
         try:
-            dataset = _regenerated(str(meta["rg_name"]), int(meta["rg_size"]), int(meta["rg_seed"]))
-            return str(meta["rg_name"]), dataset[int(meta["index"])], dataset.score_answer
+            # the generator's options (e.g. chain_sum's digit counts) are part of the recipe: without them the
+            # regenerated entry is another problem
+            kwargs = json.dumps(meta.get("rg_kwargs") or {}, sort_keys=True)
+            dataset = _regenerated(str(meta["rg_name"]), int(meta["rg_size"]), int(meta["rg_seed"]), kwargs)
+            entry = meta["entry"] if "entry" in meta else dataset[int(meta["index"])]
+            return str(meta["rg_name"]), entry, dataset.score_answer
         except KeyError as exc:
             raise DPIConfigError(f"dataset: row {index}: meta recipe lacks {exc}; it needs rg_name, rg_seed, "
                                  "rg_size and index") from None
@@ -90,11 +95,11 @@ def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:
 
 
 @lru_cache(maxsize=32)
-def _regenerated(name: str, size: int, seed: int) -> Any:
+def _regenerated(name: str, size: int, seed: int, kwargs_json: str = "{}") -> Any:
     # regenerating is deterministic but not free: every row of a recipe shares one dataset object
     import reasoning_gym  # optional dependency (the "quickstart"/"eval" extras)
 
-    return reasoning_gym.create_dataset(name, size=size, seed=seed)
+    return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(kwargs_json))
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,264 @@
+"""The comparison runner end to end on a tiny random Llama: four methods, same budget, tables, plots, sweep, CLI."""
+
+import argparse
+import gc
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_llama
+from dpi_hf.compare import (
+    METHODS,
+    EvalSettings,
+    add_compare_parser,
+    add_sweep_parser,
+    compare_command,
+    load_compare_recipe,
+    run_comparison,
+    run_sweep,
+)
+from dpi_hf.core.errors import DPIConfigError
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, STEPS, PROBE_STEPS = 4, 6, 2
+TRAINING = dict(per_device_train_batch_size=BATCH, learning_rate=1e-2, max_steps=STEPS, probe_steps=PROBE_STEPS,
+                core_fraction=0.05, jaccard_threshold=0.3, logging_steps=1, use_cpu=True, bf16=False,
+                gradient_checkpointing=False, max_length=256, dataset_num_proc=None, disable_tqdm=True)
+EVAL = dict(metrics={"code": "codebleu", "chat": "rougeL_proxy"}, metric_samples=2, max_new_tokens=6,
+            batch_size=4, forgetting="nll")
+GROUPS = [["gsm8k", "logiqa"], ["code", "chat"]]
+
+
+def _task_files(tmp_path: Path, n: int = 13) -> list[dict]:
+    """Four tiny tasks in the formats of the real data files (GSM8K jsonl, LogiQA txt, Alpaca json x2).
+
+    ``n`` is deliberately not a multiple of the batch size: with a short last batch a method could see fewer
+    examples than another, which the runner must prevent.
+    """
+    rng = random.Random(0)
+    gsm = [{"question": f"what is {a} plus {b}", "answer": f"{a} plus {b} is {a + b}\n#### {a + b}"}
+           for a, b in ((rng.randrange(20), rng.randrange(9)) for _ in range(n))]
+    (tmp_path / "gsm.jsonl").write_text("\n".join(json.dumps(r) for r in gsm) + "\n")
+    blocks = []
+    for i in range(n):
+        letter = "abcd"[i % 4]
+        blocks += ["", letter, f"the cat sat on mat {i}", "what is the answer",
+                   "A. red cat", "B. blue dog", "C. green mat", "D. hello world"]
+    (tmp_path / "logiqa.txt").write_text("\n".join(blocks) + "\n")
+    code = [{"instruction": f"write a function that adds {i}", "input": "",
+             "output": f"def add(x):\n    return x + {i}"} for i in range(n)]
+    (tmp_path / "code.json").write_text(json.dumps(code))
+    chat = [{"instruction": f"say hello {i}", "input": "", "output": f"hello world {i}"} for i in range(n)]
+    (tmp_path / "chat.json").write_text(json.dumps(chat))
+    common = dict(eval_samples=3, seed=0)
+    return [dict(name="gsm8k", source="gsm8k_jsonl", path=str(tmp_path / "gsm.jsonl"), **common),
+            dict(name="logiqa", source="logiqa_txt", path=str(tmp_path / "logiqa.txt"), **common),
+            dict(name="code", source="alpaca_json", path=str(tmp_path / "code.json"), **common),
+            dict(name="chat", source="alpaca_json", path=str(tmp_path / "chat.json"), **common)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cheap_gc():
+    """Freeze the objects alive now (torch, transformers, datasets modules) out of the garbage collector's scans.
+
+    Every Trainer.train() ends in accelerate's ``free_memory()``, a full ``gc.collect()`` that costs ~0.7 s with
+    those modules loaded; these tests run ~50 such phases on a model whose training steps take milliseconds.
+    """
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory, tokenizer):
+    tmp = tmp_path_factory.mktemp("compare")
+    out = tmp / "out"
+    results = run_comparison(_task_files(tmp), lambda: tiny_llama(tokenizer), out, tokenizer=tokenizer,
+                             training=TRAINING, heuristic_groups=GROUPS, seeds=[0], evaluation=EVAL)
+    return out, results
+
+
+def test_all_four_methods_end_to_end_with_the_same_budget(comparison):
+    out, results = comparison
+    runs = {r["method"]: r for r in results["runs"]}
+    assert list(runs) == list(METHODS)
+    # every method trained on exactly max_steps x batch examples, counted at the training step
+    for method, run in runs.items():
+        assert run["train_examples"] == STEPS * BATCH, method
+        assert run["train_steps"] == STEPS, method
+    assert results["budget"]["same_budget"] is True
+    # the methods differ in their stages as the paper defines them
+    assert runs["multitask"]["stages"] == [["gsm8k", "logiqa", "code", "chat"]]
+    assert len(runs["multistage_random"]["stages"]) == 3
+    assert runs["multistage_heuristic"]["stages"] == GROUPS
+    # only DPI probes (4 tasks x probe_steps x batch examples, outside the budget) and only DPI freezes
+    assert runs["dpi"]["probe_examples"] == 4 * PROBE_STEPS * BATCH and runs["dpi"]["probe_seconds"] > 0
+    assert all(runs[m]["probe_examples"] == 0 for m in METHODS if m != "dpi")
+    assert all(f == 0 for m in METHODS if m != "dpi" for f in runs[m]["frozen_fraction"])
+    if len(runs["dpi"]["stages"]) > 1:
+        assert runs["dpi"]["frozen_fraction"][1] > 0
+
+
+def test_every_number_is_finite(comparison):
+    _, results = comparison
+    for record in [results["base"], *results["runs"]]:
+        assert math.isfinite(record["macro"]) and 0 <= record["macro"] <= 10
+        for task, entry in record["tasks"].items():
+            assert math.isfinite(entry["nll"]) and entry["nll"] > 0, task
+            assert math.isfinite(entry["score"]) and entry["n"] == 2, task
+    assert results["task_metrics"] == {"gsm8k": ["gsm8k_accuracy"], "logiqa": ["logiqa_accuracy"],
+                                       "code": ["codebleu"], "chat": ["rougeL_proxy"]}
+
+
+def test_forgetting_rows_cover_every_stage(comparison):
+    out, results = comparison
+    for run in results["runs"]:
+        rows = run["after_stages"]
+        assert [r["stage"] for r in rows] == list(range(1, len(run["stages"]) + 1))
+        assert [r["tasks"] for r in rows] == run["stages"]
+        assert all(math.isfinite(r["tasks_eval"][t]["nll"]) for r in rows for t in results["tasks"])
+        # the last row is the final model's evaluation
+        assert rows[-1]["tasks_eval"]["gsm8k"]["nll"] == run["tasks"]["gsm8k"]["nll"]
+        trained_early = {t for r in rows[:-1] for t in r["tasks"]}
+        assert set(run["forgetting"]["per_task"]) == trained_early
+        # stage models are deleted once evaluated (keep_stage_models=False)
+        assert not list((out / "runs" / "seed-0" / run["method"]).glob("stage-*"))
+    assert results["runs"][0]["forgetting"]["mean"] is None  # multitask: one stage, nothing to forget
+
+
+def test_tables_and_plots_are_written(comparison):
+    out, results = comparison
+    assert json.loads((out / "results.json").read_text())["budget"]["same_budget"] is True
+    table = (out / "results.md").read_text()
+    for text in ("| method | gsm8k (acc %) | logiqa (acc %) | code (CodeBLEU) | chat (ROUGE-L proxy) | macro (0-10) |",
+                 "| base |", "| dpi |", "probe s", "Same number of training examples for every run: **yes**",
+                 "### multistage_random, seed 0", "## DPI diagnostics", "Jaccard overlap", "**proxy**"):
+        assert text in table, text
+    for plot in ("scores.png", "forgetting.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG" and (out / plot).stat().st_size > 5000
+
+
+def test_finished_runs_are_reused(comparison, tokenizer):
+    out, results = comparison
+
+    def fail():
+        raise AssertionError("a finished run was trained again")
+
+    again = run_comparison(_task_files(out.parent), fail, out, tokenizer=tokenizer, training=TRAINING,
+                           heuristic_groups=GROUPS, seeds=[0], evaluation=EVAL)
+    assert [r["macro"] for r in again["runs"]] == [r["macro"] for r in results["runs"]]
+
+
+def test_bad_input_fails_before_training(tmp_path, tokenizer):
+    specs = _task_files(tmp_path)
+
+    def never():
+        raise AssertionError("the model must not be loaded for invalid input")
+
+    common = dict(tokenizer=tokenizer, training=TRAINING, evaluation=EVAL)
+    with pytest.raises(DPIConfigError, match="every task exactly once"):
+        run_comparison(specs, never, tmp_path / "o", heuristic_groups=[["gsm8k"], ["code"]], **common)
+    with pytest.raises(DPIConfigError, match="needs heuristic_groups"):
+        run_comparison(specs, never, tmp_path / "o", **common)
+    with pytest.raises(DPIConfigError, match="set by the comparison runner"):
+        run_comparison(specs, never, tmp_path / "o", methods=["dpi"], tokenizer=tokenizer, evaluation=EVAL,
+                       training={**TRAINING, "staging": "given"})
+    with pytest.raises(DPIConfigError, match="not DPIConfig fields"):
+        run_comparison(specs, never, tmp_path / "o", methods=["dpi"], tokenizer=tokenizer, evaluation=EVAL,
+                       training={**TRAINING, "max_stpes": 3})
+    with pytest.raises(DPIConfigError, match="no metric for task 'code'"):
+        run_comparison(specs, never, tmp_path / "o", methods=["dpi"], tokenizer=tokenizer, training=TRAINING)
+    with pytest.raises(DPIConfigError, match="eval split"):
+        run_comparison([dict(s, eval_samples=0) for s in specs], never, tmp_path / "o", methods=["dpi"], **common)
+    with pytest.raises(DPIConfigError, match="not valid"):
+        run_comparison(specs, never, tmp_path / "o", methods=["sequential"], **common)
+    with pytest.raises(DPIConfigError, match="judge"):
+        EvalSettings(metrics={"chat": "judge_score"})
+    with pytest.raises(DPIConfigError, match="unknown key 'forgeting'"):
+        EvalSettings.from_dict({"forgeting": "nll"})
+
+
+def test_sweep_over_core_fraction_and_scope(tmp_path, tokenizer):
+    specs = [s for s in _task_files(tmp_path) if s["name"] in ("gsm8k", "chat")]  # two tasks: two stages
+    groups = [["gsm8k"], ["chat"]]
+    result = run_sweep(specs, lambda: tiny_llama(tokenizer), tmp_path / "sweep", tokenizer=tokenizer,
+                       training=TRAINING, core_fractions=[0.01, 0.2], scopes=["global", "per_tensor"],
+                       staging="given", stage_groups=groups,
+                       evaluation={"metrics": {"chat": "rougeL_proxy"}, "metric_samples": 0})
+    points = {p["name"]: p for p in result["points"]}
+    assert set(points) == {"p0.01-global", "p0.2-global", "p0.01-per_tensor", "p0.2-per_tensor", "unfrozen"}
+    assert result["budget"]["same_budget"] is True
+    for name, point in points.items():
+        assert point["stages"] == groups and math.isfinite(point["forgetting"]), name
+        assert point["macro"] is None  # metric_samples=0: held-out NLL only
+    # more of the first stage is frozen at a larger p; nothing without freezing
+    assert points["p0.2-global"]["frozen_fraction"][1] > points["p0.01-global"]["frozen_fraction"][1] > 0
+    assert points["unfrozen"]["frozen_fraction"] == [0, 0]
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 5000
+    assert "| p0.2-per_tensor | 0.2 | per_tensor | 2 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_recipe_and_cli_parsers():
+    recipe = load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"data_dir": "/data"})
+    tasks = recipe.recipe.tasks
+    assert [t.name for t in tasks] == ["gsm8k", "codealpaca", "logiqa", "alpaca"]
+    assert tasks[0].path == "/data/gsm8k/train.jsonl" and all(t.eval_samples > 0 for t in tasks)
+    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct" and recipe.methods == list(METHODS)
+    assert recipe.heuristic_groups == [["gsm8k", "logiqa"], ["codealpaca", "alpaca"]]
+    assert recipe.training["max_steps"] > 0 and isinstance(recipe.training["learning_rate"], float)
+    assert "staging" not in recipe.training and "output_dir" not in recipe.training
+    assert recipe.evaluation.metrics["alpaca"] == ["rougeL_proxy"] and recipe.evaluation.forgetting == "nll"
+    assert recipe.sweep["core_fractions"][0] == 0.001 and recipe.output_dir == "runs/compare-smollm2-cpu"
+    with pytest.raises(DPIConfigError, match="unknown key 'max_stpes'"):
+        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"max_stpes": 3})
+    with pytest.raises(DPIConfigError, match="set by the comparison runner"):
+        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"staging": "given"})
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true")
+    parser = argparse.ArgumentParser(prog="dpi-hf")
+    sub = parser.add_subparsers(dest="command")
+    add_compare_parser(sub, parents=[common])
+    add_sweep_parser(sub, parents=[common])
+    args, extra = parser.parse_known_args(["compare", "r.yaml", "--seeds", "1", "2", "3", "--max_steps", "20",
+                                           "--debug"])
+    assert args.seeds == [1, 2, 3] and args.debug and args.resume and extra == ["--max_steps", "20"]
+    args, extra = parser.parse_known_args(["sweep", "r.yaml", "--core-fractions", "0.001", "0.01", "--scopes",
+                                           "global", "--no-resume"])
+    assert args.core_fractions == [0.001, 0.01] and args.scopes == ["global"] and not args.resume and not extra
+
+
+def test_compare_command_from_a_recipe(tmp_path, tokenizer, capsys):
+    """The CLI path: a recipe file with a saved tiny model, two methods, overrides as `dpi-hf compare` passes them."""
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    specs = _task_files(tmp_path)
+    training = {k: v for k, v in TRAINING.items()}
+    recipe = {"vars": {"data_dir": str(tmp_path)},
+              "model": {"name_or_path": str(tmp_path / "model"), "dtype": "float32"},
+              "tasks": [dict(s, path=s["path"].replace(str(tmp_path), "${data_dir}")) for s in specs],
+              "eval": {"metrics": {"code": "codebleu", "chat": ["rougeL_proxy", "nll"]}, "max_samples": 2,
+                       "max_new_tokens": 4, "before": False},
+              "runtime": {"num_threads": 1},
+              "compare": {"heuristic_groups": GROUPS, "nll_samples": 2, "forgetting": "none"},
+              "output_dir": str(tmp_path / "results"), **training}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    parser = argparse.ArgumentParser(prog="dpi-hf")
+    add_compare_parser(parser.add_subparsers(dest="command"))
+    args, overrides = parser.parse_known_args(["compare", str(path), "--methods", "multitask", "dpi",
+                                               "--max_steps", "4"])
+    assert compare_command(args, overrides) == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["multitask", "dpi"] and results["base"] is None
+    assert all(r["train_examples"] == 4 * BATCH and r["after_stages"] == [] for r in results["runs"])
+    assert results["task_metrics"]["chat"] == ["rougeL_proxy"]  # the NLL is always there, not an extra column
+    assert "| multitask |" in capsys.readouterr().out
