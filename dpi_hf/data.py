@@ -36,7 +36,7 @@ from .core.errors import DPIConfigError
 
 FILE_SOURCES = ("gsm8k_jsonl", "logiqa_txt", "alpaca_json", "prompt_completion", "messages")
 SOURCES = ("hub",) + FILE_SOURCES + ("reasoning_gym",)
-COLUMN_ROLES = ("prompt", "completion", "messages", "reference")
+COLUMN_ROLES = ("prompt", "completion", "messages", "reference", "options", "answer")
 _COLUMN_SOURCES = ("hub", "prompt_completion", "messages")
 
 # Appended to reasoning-gym questions (and LogiQA) so that a model's answer can be found by extract_final_answer.
@@ -406,7 +406,11 @@ def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Calla
     if "messages" not in columns and "prompt" not in columns:
         uses_messages = spec.source == "messages" or (spec.source == "hub" and "messages" in available)
         columns.update({"messages": "messages"} if uses_messages else {"prompt": "prompt", "completion": "completion"})
-    if "prompt" in columns and "completion" not in columns:
+    multiple_choice = "options" in columns
+    if multiple_choice and ("answer" not in columns or "prompt" not in columns):
+        raise DPIConfigError(f"task {spec.name!r}: a multiple-choice mapping needs columns prompt, options and answer "
+                             "(e.g. `{prompt: [context, query], options: options, answer: correct_option}`).")
+    if "prompt" in columns and "completion" not in columns and not multiple_choice:
         columns["completion"] = "completion"
     needed = [c for v in columns.values() for c in ([v] if isinstance(v, str) else v)]
     missing = [c for c in needed if c not in available]
@@ -415,6 +419,8 @@ def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Calla
                              "Map them with `columns: {prompt: ..., completion: ...}` or `{messages: ...}`.")
 
     def convert(record: dict, index: int) -> dict:
+        if multiple_choice:
+            return _multiple_choice_row(spec, record, columns, index)
         if "messages" in columns:
             prompt, completion = _split_chat(spec, record[columns["messages"]], index)
         else:
@@ -428,6 +434,32 @@ def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Calla
         return _row(spec, prompt, completion, reference, {"source": spec.source})
 
     return convert
+
+
+def _prompt_text(record: dict, prompt_columns) -> str:
+    names = [prompt_columns] if isinstance(prompt_columns, str) else prompt_columns
+    return "\n\n".join(str(record[n]) for n in names if record[n])
+
+
+def _multiple_choice_row(spec: TaskSpec, record: dict, columns: dict, index: int) -> dict:
+    """A LogiQA-style row from Hub columns: the options listed A., B., ...; the answer an index or a letter."""
+    options = record[columns["options"]]
+    if not isinstance(options, (list, tuple)) or not 2 <= len(options) <= len(_LOGIQA_LETTERS):
+        raise _record_error(spec, index, f"has options {options!r}; expected a list of 2-4 strings")
+    letters = _LOGIQA_LETTERS[: len(options)]
+    answer = record[columns["answer"]]
+    if _is_int(answer) and 0 <= int(answer) < len(options):
+        letter = letters[int(answer)]
+    elif isinstance(answer, str) and answer.strip().upper() in letters:
+        letter = answer.strip().upper()
+    else:
+        raise _record_error(spec, index, f"has answer {answer!r}; expected an option index or letter")
+    texts = [str(o).strip() for o in options]
+    listed = "\n".join(f"{c}. {t}" for c, t in zip(letters, texts))
+    instruction = ANSWER_INSTRUCTION.replace("<answer>", "<letter>")
+    prompt = f"{_prompt_text(record, columns['prompt'])}\n{listed}\n\n{instruction}"
+    meta = {"source": spec.source, "options": texts, "answer": letter}
+    return _row(spec, prompt, f"Answer: {letter}", letter, meta)
 
 
 def _split_chat(spec: TaskSpec, messages, index: int) -> tuple[list[dict], list[dict]]:

@@ -333,3 +333,24 @@ def test_load_tasks_keeps_order_and_rejects_duplicates(tmp_path):
     assert list(loaded) == ["b", "a"] and loaded["a"]["train"][0]["task"] == "a"
     with pytest.raises(DPIConfigError, match=r"repeated: \['b'\]"):
         load_tasks(specs + [TaskSpec("b", "gsm8k_jsonl", path)])
+
+
+def test_hub_multiple_choice_mapping(monkeypatch):
+    """LogiQA on the Hub: options listed A.-D., answer given as an index; meta feeds logiqa_accuracy."""
+    rows = [{"context": f"ctx {i}", "query": "Which?", "options": ["w", "x", "y", "z"], "correct_option": i % 4}
+            for i in range(4)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    spec = TaskSpec("logiqa", "hub", "lucasmccabe/logiqa",
+                    columns={"prompt": ["context", "query"], "options": "options", "answer": "correct_option"})
+    train = load_task(spec)["train"]
+    by_ctx = {r["prompt"][-1]["content"].split("\n")[0]: r for r in train}
+    row = by_ctx["ctx 2"]
+    assert row["reference"] == "C" and row["completion"][0]["content"] == "Answer: C"
+    assert "A. w\nB. x\nC. y\nD. z" in row["prompt"][-1]["content"]
+    assert json.loads(row["meta"])["options"] == ["w", "x", "y", "z"]
+    letters = [{"context": "c", "query": "q", "options": ["a", "b"], "correct_option": "b"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(letters))
+    assert load_task(spec)["train"][0]["reference"] == "B"
+    bad = TaskSpec("logiqa", "hub", "x/y", columns={"prompt": "context", "options": "options"})
+    with pytest.raises(DPIConfigError, match="needs columns prompt, options and answer"):
+        load_task(bad)
