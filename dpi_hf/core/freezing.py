@@ -73,17 +73,35 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+# element dtype → integer dtype of the same width, for bit-exact writes through numpy
+_NUMPY_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+               torch.float64: torch.int64}
+
+
 def _write(target: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor | float) -> None:
     """Write ``values`` (a tensor, or a scalar for every position) at flat row-major ``indices`` of ``target``.
 
-    ``indices=None`` means every element. Contiguous targets take ``index_copy_``/``index_fill_`` on a flat view;
-    those kernels need int64 indices, so stored int32 indices are widened per call (a transient copy, freed at once).
+    ``indices=None`` means every element. Contiguous CPU targets are written through a numpy view (int64 fancy
+    indexing, measured ~2x faster than ``index_fill_``/``index_copy_``); other contiguous targets (GPU) take
+    ``index_copy_``/``index_fill_`` on a flat view. Both need int64 indices, so stored int32 indices are widened per
+    call (a transient copy of one tensor's indices, freed at once).
     """
     if indices is None:
         if isinstance(values, torch.Tensor):
             target.copy_(values)
         else:
             target.fill_(values)
+    elif target.device.type == "cpu" and target.is_contiguous() and target.dtype in _NUMPY_BITS:
+        # numpy's scatter with int64 indices runs ~2x faster than torch's index_fill_/index_copy_ on the CPU
+        # (memory-bound scattered writes); dtypes are reinterpreted as same-width integers, so bf16 works and
+        # every bit is written exactly
+        bits = _NUMPY_BITS[target.dtype]
+        flat = target.detach().view(-1).view(bits).numpy()
+        positions = indices.long().numpy()
+        if isinstance(values, torch.Tensor):
+            flat[positions] = values.detach().view(-1).view(bits).numpy()
+        else:
+            flat[positions] = torch.tensor([values], dtype=target.dtype).view(bits).item()
     elif target.is_contiguous():
         flat = target.view(-1)
         if isinstance(values, torch.Tensor):
