@@ -34,7 +34,7 @@ import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from .artifacts import (
     CORES_FILE,

@@ -219,11 +219,9 @@ def plan_from_groups(
         raise DPIConfigError("a stage is empty; every stage needs at least one task.")
     if freeze and cores is None:
         raise DPIConfigError("freeze=True needs the tasks' cores; pass cores or set freeze=False.")
-    n = len(tasks)
-    jac = []  # unknown without cores
     plan = StagePlan(
         tasks=tasks,
-        jaccard=jac,
+        jaccard=[],  # unknown without cores
         jaccard_threshold=jaccard_threshold,
         groups=[list(s) for s in stages],
         stages=[list(s) for s in stages],

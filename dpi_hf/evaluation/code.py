@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from dpi_hf.core.errors import DPIConfigError
+from dpi_hf.evaluation.rows import check_paired
 
 # A fenced block: ``` or ~~~ fence, an optional language tag, the body, then the closing fence (or the end of the
 # text: generation can stop before the model closes the block).
@@ -49,12 +49,7 @@ def codebleu_score(predictions: list[str], references: list[str]) -> dict:
     """
     from codebleu import calc_codebleu  # optional dependency (the "eval" extra)
 
-    if len(predictions) != len(references):
-        raise DPIConfigError(
-            f"predictions and references must have the same length, got {len(predictions)} and {len(references)}"
-        )
-    if not predictions:
-        raise DPIConfigError("predictions: empty; CodeBLEU needs at least one row")
+    check_paired(predictions, references, "CodeBLEU")
     components = ("ngram_match_score", "weighted_ngram_match_score", "syntax_match_score", "dataflow_match_score")
     sums = dict.fromkeys(components, 0.0)
     total = 0.0

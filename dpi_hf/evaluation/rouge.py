@@ -6,7 +6,7 @@ score.
 
 from __future__ import annotations
 
-from dpi_hf.core.errors import DPIConfigError
+from dpi_hf.evaluation.rows import check_paired
 
 
 def rouge_l_proxy(predictions: list[str], references: list[str]) -> dict:
@@ -25,12 +25,7 @@ def rouge_l_proxy(predictions: list[str], references: list[str]) -> dict:
     """
     from rouge_score import rouge_scorer  # optional dependency (the "eval" extra)
 
-    if len(predictions) != len(references):
-        raise DPIConfigError(
-            f"predictions and references must have the same length, got {len(predictions)} and {len(references)}"
-        )
-    if not predictions:
-        raise DPIConfigError("predictions: empty; ROUGE-L needs at least one row")
+    check_paired(predictions, references, "ROUGE-L")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(reference, prediction)["rougeL"].fmeasure
               for prediction, reference in zip(predictions, references)]

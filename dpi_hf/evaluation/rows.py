@@ -65,3 +65,13 @@ def user_question(prompt: list[dict]) -> str:
         if message.get("role") == "user":
             return str(message.get("content", ""))
     raise DPIConfigError("dataset: a 'prompt' has no user message; every prompt needs one")
+
+
+def check_paired(predictions: list, references: list, metric: str, names=("predictions", "references")) -> None:
+    """Raise DPIConfigError unless there is at least one row and both lists have the same length."""
+    if len(predictions) != len(references):
+        raise DPIConfigError(
+            f"{names[0]} and {names[1]} must have the same length, got {len(predictions)} and {len(references)}"
+        )
+    if not predictions:
+        raise DPIConfigError(f"{names[0]}: empty; {metric} needs at least one row")
