@@ -39,7 +39,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -94,7 +94,7 @@ def save_dpi_artifacts(output_dir, cores, plan: StagePlan, model=None, **setting
     dpi_dir = Path(output_dir) / DPI_DIR
     if cores:
         save_cores(cores, dpi_dir / CORES_FILE, model=model, **settings)
-    _atomic_write_text(dpi_dir / PLAN_FILE, json.dumps(plan_record(plan, model, **settings), indent=2))
+    atomic_write_text(dpi_dir / PLAN_FILE, json.dumps(plan_record(plan, model, **settings), indent=2))
     if len(plan.tasks) > 1 and plan.jaccard:
         plot_overlap(plan, dpi_dir / HEATMAP_FILE)
     return dpi_dir

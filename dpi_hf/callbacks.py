@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from .core import CoreMask, ParameterFreezer, save_cores, select_core, update_magnitudes
 from .core.errors import DPIConfigError
+from .core.selection import validate_core_fraction, validate_scope
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,8 @@ class CoreProbeCallback(TrainerCallback):
         task_name: str = "task",
         save_path=None,
     ):
-        if isinstance(core_fraction, bool) or not isinstance(core_fraction, (int, float)) or not 0 < core_fraction <= 1:
-            raise DPIConfigError(f"core_fraction={core_fraction!r} must be a fraction in (0, 1], e.g. 0.01.")
-        if scope not in ("global", "per_tensor"):
-            raise DPIConfigError(f"scope={scope!r} must be 'global' or 'per_tensor'.")
-        self.core_fraction = float(core_fraction)
-        self.scope = scope
+        self.core_fraction = validate_core_fraction(core_fraction)
+        self.scope = validate_scope(scope)
         self.include = include
         self.exclude = exclude
         self.reference = reference

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
 from .core.errors import DPIConfigError
 from .core.planning import STAGE_ORDERS, validate_jaccard_threshold
+from .core.selection import CORE_SCOPES, validate_core_fraction
 
 STRATEGIES = ("dpi", "multitask", "random", "given")
-CORE_SCOPES = ("global", "per_tensor")
 
 
 @dataclass
@@ -122,13 +121,9 @@ class DPIConfig(SFTConfig):
         """Check the DPI fields; raise :class:`DPIConfigError` naming the field and the fix."""
         if self.staging not in STRATEGIES:
             raise DPIConfigError(f"staging={self.staging!r} is not one of {STRATEGIES}.")
-        p = self.core_fraction
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 < float(p) <= 1.0) or math.isnan(p):
-            raise DPIConfigError(
-                f"core_fraction={p!r} must be a fraction in (0, 1], e.g. 0.01 for 1% (the paper's default)."
-            )
+        self.core_fraction = validate_core_fraction(self.core_fraction)
         self.jaccard_threshold = validate_jaccard_threshold(self.jaccard_threshold)
-        if self.core_scope not in CORE_SCOPES:
+        if self.core_scope not in CORE_SCOPES:  # named after the config field, not validate_scope's argument
             raise DPIConfigError(f"core_scope={self.core_scope!r} is not one of {CORE_SCOPES}.")
         if self.stage_order not in STAGE_ORDERS:
             raise DPIConfigError(f"stage_order={self.stage_order!r} is not one of {STAGE_ORDERS}.")

@@ -39,6 +39,7 @@ from trl import SFTTrainer
 from .artifacts import (
     CORES_FILE,
     DPI_DIR,
+    atomic_write_text,
     load_dpi_artifacts,
     save_dpi_artifacts,
     write_model_card,
@@ -223,11 +224,8 @@ class DPITrainer(SFTTrainer):
     def _tokenized_tasks(self, formatting_func) -> dict[str, Dataset]:
         col = self.args.task_column
         if col in self.train_dataset.column_names:
-            names = self.train_dataset[col]
-            idx: dict[str, list[int]] = {t: [] for t in self.tasks}
-            for i, t in enumerate(names):
-                idx[t].append(i)
-            out = {t: self.train_dataset.select(ix) for t, ix in idx.items()}
+            by_task = split_tasks(self.train_dataset, col) if len(self.train_dataset) else {}
+            out = {t: by_task.get(t, self.train_dataset.select([])) for t in self.tasks}
         else:  # packing drops extra columns: tokenize each task on its own
             out = {
                 t: self._prepare_dataset(ds, self.processing_class, self.args, self.args.packing, formatting_func,
@@ -278,10 +276,7 @@ class DPITrainer(SFTTrainer):
 
     def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(obj, indent=2))
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps(obj, indent=2))
 
     def _restore(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -29,6 +29,7 @@ duck-typing its ``.optimizer`` attribute.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,12 @@ _NUMPY_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.fl
                torch.float64: torch.int64}
 
 
+@functools.lru_cache(maxsize=None)
+def _bit_pattern(value: float, dtype: torch.dtype) -> int:
+    """``value`` in ``dtype`` reinterpreted as the same-width integer (cached: called per parameter per step)."""
+    return torch.tensor([value], dtype=dtype).view(_NUMPY_BITS[dtype]).item()
+
+
 def _write(target: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor | float) -> None:
     """Write ``values`` (a tensor, or a scalar for every position) at flat row-major ``indices`` of ``target``.
 
@@ -101,7 +108,7 @@ def _write(target: torch.Tensor, indices: torch.Tensor | None, values: torch.Ten
         if isinstance(values, torch.Tensor):
             flat[positions] = values.detach().view(-1).view(bits).numpy()
         else:
-            flat[positions] = torch.tensor([values], dtype=target.dtype).view(bits).item()
+            flat[positions] = _bit_pattern(values, target.dtype)
     elif target.is_contiguous():
         flat = target.view(-1)
         if isinstance(values, torch.Tensor):

@@ -124,6 +124,21 @@ def _nothing_left_error(names: list[str], include, exclude) -> DPIConfigError:
 
 
 # ---------------------------------------------------------------------------------------------------- core size
+CORE_SCOPES = ("global", "per_tensor")
+
+
+def validate_core_fraction(core_fraction) -> float:
+    """Return ``core_fraction`` as a float in (0, 1] or raise :class:`DPIConfigError` naming it and the fix."""
+    return float(_check_fraction(core_fraction))
+
+
+def validate_scope(scope) -> str:
+    """Return ``scope`` if it is ``"global"`` or ``"per_tensor"``, else raise naming the choices."""
+    if scope not in CORE_SCOPES:
+        raise DPIConfigError(f"scope={scope!r} is not one of 'global' (the paper's default) and 'per_tensor'.")
+    return scope
+
+
 def _check_fraction(core_fraction) -> Fraction:
     if isinstance(core_fraction, bool) or not isinstance(core_fraction, numbers.Real):
         raise DPIConfigError(
@@ -132,7 +147,9 @@ def _check_fraction(core_fraction) -> Fraction:
         )
     value = float(core_fraction)
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise DPIConfigError(f"core_fraction={core_fraction!r} is outside (0, 1]; pass e.g. 0.01 for 1%.")
+        raise DPIConfigError(
+            f"core_fraction={core_fraction!r} must be a fraction in (0, 1], e.g. 0.01 for 1% (the paper's default)."
+        )
     if isinstance(core_fraction, (numbers.Rational, Fraction)):
         return Fraction(core_fraction)
     # The decimal value as written: 0.29 must give 29 of 100 elements, not 28 from the binary float 0.28999...
@@ -561,8 +578,7 @@ def select_core(
         ProbeDivergedError: NaN or inf in a tensor (named in the message).
     """
     fraction = _check_fraction(core_fraction)
-    if scope not in ("global", "per_tensor"):
-        raise DPIConfigError(f"scope={scope!r} is not one of 'global' (the paper's default) and 'per_tensor'.")
+    validate_scope(scope)
     inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
     source = _Source(deltas, inc, exc, single_pass=(scope == "per_tensor"))
     shapes = source.known_shapes()
