@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .core.errors import DPIConfigError
+from .phases import PROBE, STAGE
 
 logger = logging.getLogger("dpi_hf.compare")
 
@@ -699,11 +700,10 @@ def _train_and_evaluate(ctx: _Context, name: str, fields: Mapping[str, Any], see
                         save_stages=by_stage and fields["staging"] != "multitask")
     model = ctx.new_model()
     trainer = DPITrainer(model, args=args, train_dataset=ctx.train_sets, processing_class=ctx.tokenizer)
-    counter = _ExampleCounter().attach(trainer)
     t0 = time.perf_counter()
     trainer.train()
     train_wall = time.perf_counter() - t0
-    phases = _phases(trainer.stage_history, counter.counts)
+    phases = [{k: v for k, v in r.to_dict().items() if k != "eval"} for r in trainer.phase_records]
     plan = trainer.plan
 
     final = evaluate_model(trainer.model, ctx.tokenizer, ctx.eval_sets, ctx.task_metrics, ctx.evaluation,
@@ -723,8 +723,8 @@ def _train_and_evaluate(ctx: _Context, name: str, fields: Mapping[str, Any], see
             for k in range(len(plan.stages)):
                 shutil.rmtree(run_dir / f"stage-{k}", ignore_errors=True)
 
-    stage_phases = [p for p in phases if p["phase"].startswith("stage")]
-    probe_phases = [p for p in phases if p["phase"].startswith("probe")]
+    stage_phases = [p for p in phases if p["kind"] == STAGE]
+    probe_phases = [p for p in phases if p["kind"] == PROBE]
     record = {
         "method": name, "seed": seed, "settings_key": key, "fields": dict(fields),
         "stages": [list(s) for s in plan.stages],
@@ -746,54 +746,6 @@ def _train_and_evaluate(ctx: _Context, name: str, fields: Mapping[str, Any], see
     del trainer, model
     gc.collect()
     return record
-
-
-class _ExampleCounter:
-    """Counts the examples each training phase (probe or stage) steps on, at the training step itself.
-
-    Wraps ``trainer.training_step`` (called once per micro-batch with the collated inputs) and closes a phase on
-    each ``on_train_end``: DPITrainer runs one ``Trainer.train()`` per probe and per stage, in the order of its
-    ``stage_history``.
-    """
-
-    def __init__(self) -> None:
-        self.counts: list[int] = []
-        self._current = 0
-
-    def attach(self, trainer) -> "_ExampleCounter":
-        from transformers import TrainerCallback
-
-        inner = trainer.training_step
-        counter = self
-
-        def counted(model, inputs, *args, **kwargs):
-            counter._current += _batch_rows(inputs)
-            return inner(model, inputs, *args, **kwargs)
-
-        class _Phases(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                counter._current = 0
-
-            def on_train_end(self, args, state, control, **kwargs):
-                counter.counts.append(counter._current)
-
-        trainer.training_step = counted
-        trainer.add_callback(_Phases())
-        return self
-
-
-def _batch_rows(inputs: Mapping[str, Any]) -> int:
-    ids = inputs["input_ids"]
-    if ids.shape[0] == 1 and "position_ids" in inputs and "attention_mask" not in inputs:
-        return int((inputs["position_ids"] == 0).sum())  # padding-free batch: sequences restart at position 0
-    return int(ids.shape[0])
-
-
-def _phases(history: list[dict], counts: list[int]) -> list[dict]:
-    if len(history) != len(counts):
-        raise RuntimeError(f"counted {len(counts)} training phases but DPITrainer recorded {len(history)}; the "
-                           "example count cannot be attributed to probes and stages.")
-    return [{**{k: v for k, v in h.items() if k != "eval"}, "examples": n} for h, n in zip(history, counts)]
 
 
 def _compact(evaluated: dict, scores: bool) -> dict:

@@ -49,6 +49,7 @@ from .config import DPIConfig
 from .core import load_cores, plan_stages, save_cores
 from .core.errors import DPIConfigError, ProbeDivergedError
 from .core.planning import StagePlan, plan_from_groups
+from .phases import PROBE, STAGE, PhaseRecord, batch_rows
 
 logger = logging.getLogger(__name__)
 _library_logger = logging.getLogger("dpi_hf")
@@ -135,7 +136,9 @@ class DPITrainer(SFTTrainer):
             task column, is split per task and logged as `eval_<task>_loss`). With several tasks, every stage ends
             with an evaluation whose losses form the forgetting table `dpi/forgetting.json`.
 
-    After `train()`: `self.cores` (task → CoreMask), `self.plan` (StagePlan), `self.stage_history`.
+    After `train()`: `self.cores` (task → CoreMask), `self.plan` (StagePlan), `self.phase_records` (one
+    :class:`~dpi_hf.phases.PhaseRecord` per probe and stage: kind, tasks, steps, examples, seconds, loss) and
+    `self.stage_history` (the same records as dicts).
     """
 
     _tag_names = ["trl", "sft", "dpi-hf"]
@@ -160,7 +163,8 @@ class DPITrainer(SFTTrainer):
             self.tasks = None
         self.cores = None
         self.plan: StagePlan | None = None
-        self.stage_history: list[dict] = []
+        self.phase_records: list[PhaseRecord] = []
+        self._phase_examples = 0
         if self.tasks is None:
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, **kwargs)
@@ -240,6 +244,16 @@ class DPITrainer(SFTTrainer):
         return out
 
     # ----------------------------------------------------------------------------------------------- training
+    @property
+    def stage_history(self) -> list[dict]:
+        """The probes and stages run so far, as dicts (see :class:`~dpi_hf.phases.PhaseRecord`)."""
+        return [r.to_dict() for r in self.phase_records]
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        # count the examples each phase steps on, where the batch is known (reported in the phase records)
+        self._phase_examples += batch_rows(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if self.tasks is None:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
@@ -305,6 +319,7 @@ class DPITrainer(SFTTrainer):
         checkpoint = get_last_checkpoint(a.output_dir) if resume and Path(a.output_dir).is_dir() else None
         for cb in callbacks:
             self.add_callback(cb)
+        self._phase_examples = 0
         try:
             out = SFTTrainer.train(self, resume_from_checkpoint=checkpoint)
         finally:
@@ -343,12 +358,14 @@ class DPITrainer(SFTTrainer):
                                       reference=theta0, task_name=task)
             t0 = time.perf_counter()
             try:
-                self._run_phase(f"probe-{_safe_name(task)}", self._task_train[task], max_steps=steps, epochs=epochs,
+                out = self._run_phase(f"probe-{_safe_name(task)}", self._task_train[task], max_steps=steps, epochs=epochs,
                                 lr=lr, callbacks=[probe], save=False)  # a killed probe restarts from θ0
             except ProbeDivergedError as e:
                 raise ProbeDivergedError(f"the probe of task {task!r} diverged: {e}") from None
             cores[task] = probe.core
-            self.stage_history.append({"phase": f"probe {task}", "seconds": time.perf_counter() - t0})
+            self.phase_records.append(PhaseRecord(
+                kind=PROBE, name=f"probe {task}", tasks=[task], steps=out.global_step, examples=self._phase_examples,
+                seconds=time.perf_counter() - t0, train_loss=out.training_loss))
             if self.is_world_process_zero():
                 save_cores({task: probe.core}, path, model=self.model, **self._settings())
             self.accelerator.wait_for_everyone()
@@ -402,7 +419,7 @@ class DPITrainer(SFTTrainer):
         steps = allocate_steps(budget, sizes) if epochs is None else [budget] * len(plan.stages)
 
         finished = progress["finished_stages"]
-        self.stage_history = progress.get("stage_history", []) + self.stage_history
+        self.phase_records = [PhaseRecord.from_dict(r) for r in progress.get("stage_history", [])] + self.phase_records
         if finished:
             last = max(finished)
             self._restore(load_file(str(self._runs_dir / "last-stage.safetensors")))
@@ -424,13 +441,14 @@ class DPITrainer(SFTTrainer):
                                   callbacks=callbacks, resume=resume)
             total_loss += out.training_loss * out.global_step
             total_steps += out.global_step
-            record = {"phase": f"stage {k + 1}", "tasks": stage, "frozen": n_frozen, "steps": out.global_step,
-                      "seconds": time.perf_counter() - t0, "train_loss": out.training_loss}
+            record = PhaseRecord(kind=STAGE, name=f"stage {k + 1}", tasks=list(stage), steps=out.global_step,
+                                 examples=self._phase_examples, seconds=time.perf_counter() - t0,
+                                 train_loss=out.training_loss, frozen=n_frozen)
             if self.eval_dataset is not None:
                 metrics = self.evaluate()
-                record["eval"] = metrics
+                record.eval = metrics
                 forgetting.append({"stage": k + 1, **{key: v for key, v in metrics.items() if key.endswith("_loss")}})
-            self.stage_history.append(record)
+            self.phase_records.append(record)
             if a.save_stage_models:  # every rank: save_model synchronises the processes itself
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
             if self.is_world_process_zero():

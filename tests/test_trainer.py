@@ -88,7 +88,12 @@ def test_three_tasks_end_to_end(tmp_path, tokenizer, tasks):
             moved += int((before[free] != after[free]).sum())
         assert moved > 0
     # the staged budget is the total: 9 steps over 3 equal stages
-    assert [r["steps"] for r in trainer.stage_history if r["phase"].startswith("stage")] == [3, 3, 3]
+    assert [r["steps"] for r in trainer.stage_history if r["kind"] == "stage"] == [3, 3, 3]
+    # examples are counted at the training step: every probe and stage step saw a full batch
+    bs = args.per_device_train_batch_size
+    for r in trainer.phase_records:
+        assert r.examples == r.steps * bs and r.tasks, r
+    assert [r.kind for r in trainer.phase_records] == ["probe"] * 3 + ["stage"] * 3
 
 
 def test_probes_reproducible_and_masks_from_skips_probes(tmp_path, tokenizer, tasks):
@@ -106,7 +111,7 @@ def test_probes_reproducible_and_masks_from_skips_probes(tmp_path, tokenizer, ta
     reuse.train()
     assert reuse.plan.stages == a.plan.stages and reuse.plan.jaccard == a.plan.jaccard
     assert not (tmp_path / "c" / "out" / "_dpi_runs" / "probes").exists()
-    assert not any(r["phase"].startswith("probe") for r in reuse.stage_history)
+    assert not any(r["kind"] == "probe" for r in reuse.stage_history)
 
 
 def test_task_column_dataset_and_baselines(tmp_path, tokenizer, tasks):
