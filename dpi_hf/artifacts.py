@@ -128,13 +128,15 @@ def resolve_masks_source(source: str, token=None, revision=None) -> Path:
     return find_dpi_dir(local)
 
 
-def load_dpi_artifacts(path, model=None, tasks=None):
+def load_dpi_artifacts(path, model=None, tasks=None, check_content: bool = False):
     """Load ``(cores, plan)`` from a run directory, its ``dpi/`` folder, or a Hub repo id.
 
     Args:
         path: local directory or Hub repo id.
-        model: if given, the cores' fingerprint is checked against it.
+        model: if given, the cores' fingerprint (names and shapes) is checked against it.
         tasks: tasks that must be present (a missing one is an error naming it).
+        check_content: with ``model``, also require the weights the masks were computed on (the content digest);
+            default False.
     """
     dpi_dir = resolve_masks_source(str(path))
     cores = None
@@ -146,7 +148,7 @@ def load_dpi_artifacts(path, model=None, tasks=None):
                 f"masks in {str(dpi_dir)!r} have no core for tasks {missing} (they hold {saved}); probe those tasks "
                 "(drop masks_from) or name tasks that match."
             )
-        cores = load_cores(dpi_dir / CORES_FILE, model=model, tasks=tasks)
+        cores = load_cores(dpi_dir / CORES_FILE, model=model, tasks=tasks, check_content=check_content)
     plan = None
     if (dpi_dir / PLAN_FILE).is_file():
         plan = StagePlan.from_json((dpi_dir / PLAN_FILE).read_text())

@@ -7,7 +7,8 @@
 
 Example with a plain `Trainer`::
 
-    probe = CoreProbeCallback(core_fraction=0.01, task_name="gsm8k", save_path="out/dpi/gsm8k.safetensors")
+    probe = CoreProbeCallback(core_fraction=0.01, task_name="gsm8k", signal="fisher",
+                              save_path="out/dpi/gsm8k.safetensors")
     Trainer(model=model, args=args, train_dataset=gsm8k, callbacks=[probe]).train()
     core = probe.core                      # a CoreMask
 
@@ -25,6 +26,14 @@ from transformers import TrainerCallback
 from .core import CoreMask, ParameterFreezer, save_cores, select_core, update_magnitudes
 from .core.errors import DPIConfigError
 from .core.selection import validate_core_fraction, validate_scope
+from .core.signals import (
+    GRADIENT_SIGNALS,
+    ImportanceAccumulator,
+    cpu_copy,
+    threshold_ties,
+    tie_warning,
+    validate_signal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +48,29 @@ def snapshot_parameters(model: torch.nn.Module, include_frozen: bool = False) ->
 
 
 class CoreProbeCallback(TrainerCallback):
-    """Select a task's core region from the parameter update of the training run it is attached to.
+    """Select a task's core region from the training run it is attached to (a probe).
 
     Args:
         core_fraction: p, the fraction of considered elements in the core (default 0.01).
         scope: ``"global"`` (default) or ``"per_tensor"``.
         include: parameter-name patterns to consider (default None: every trainable parameter).
         exclude: parameter-name patterns to leave out (default None).
-        reference: θ0 — a mapping of parameter name → tensor on the CPU, or a path to a safetensors file/checkpoint
-            directory. Default None: a CPU copy of the trainable parameters is taken when training begins.
+        reference: θ0 for ``signal="update"`` — a mapping of parameter name → tensor on the CPU, or a path to a
+            safetensors file/checkpoint directory. Default None: a CPU copy of the trainable parameters is taken when
+            training begins. Gradient signals need no reference.
         task_name: the task's name, used as the key when saving (default ``"task"``).
         save_path: if given, the core is saved there with :func:`dpi_hf.save_cores` as soon as it is selected (by the
             main process only).
+        signal: the importance that ranks elements (default ``"update"``): ``"update"`` = |θ − θ0| at the end of
+            training (the paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from
+            the gradients at ``on_pre_optimizer_step`` (after accumulation and the DDP all-reduce; after clipping
+            when ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
+        keep_importance: keep a float32 CPU copy of the importance in :attr:`importance` after training (default
+            False), e.g. to pool the importance of several probes.
 
-    After training, :attr:`core` holds the :class:`CoreMask`.
+    After training, :attr:`core` holds the :class:`CoreMask` and :attr:`ties` the threshold tie report (see
+    :func:`dpi_hf.core.signals.threshold_ties`); a warning is logged when the threshold falls among exact zeros or
+    inside a large block of tied values.
     """
 
     def __init__(
@@ -64,20 +82,33 @@ class CoreProbeCallback(TrainerCallback):
         reference=None,
         task_name: str = "task",
         save_path=None,
+        signal: str = "update",
+        keep_importance: bool = False,
     ):
         self.core_fraction = validate_core_fraction(core_fraction)
         self.scope = validate_scope(scope)
+        self.signal = validate_signal(signal)
         self.include = include
         self.exclude = exclude
         self.reference = reference
         self._owns_reference = reference is None
         self.task_name = task_name
         self.save_path = save_path
+        self.keep_importance = keep_importance
         self.core: CoreMask | None = None
+        self.importance: dict[str, torch.Tensor] | None = None
+        self.ties: dict | None = None
+        self._accumulator: ImportanceAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._owns_reference:
+        if self.signal in GRADIENT_SIGNALS:
+            self._accumulator = ImportanceAccumulator(model, self.signal, self.include, self.exclude)
+        elif self._owns_reference:
             self.reference = snapshot_parameters(model)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._accumulator is not None:
+            self._accumulator.accumulate()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.core = self.select(model)
@@ -88,16 +119,36 @@ class CoreProbeCallback(TrainerCallback):
                 model=model,
                 core_fraction=self.core_fraction,
                 scope=self.scope,
+                core_signal=self.signal,
             )
         if self._owns_reference:
             self.reference = None  # free θ0
+        if self._accumulator is not None:
+            self._accumulator.release()
+            self._accumulator = None
 
-    def select(self, model: torch.nn.Module) -> CoreMask:
-        """The core of ``model``'s update from the reference."""
+    def importance_of(self, model: torch.nn.Module):
+        """The importance mapping (name → non-negative tensor) of ``model`` for this callback's signal."""
+        if self.signal in GRADIENT_SIGNALS:
+            if self._accumulator is None:
+                raise DPIConfigError(f"CoreProbeCallback({self.signal!r}) has accumulated nothing: training never began.")
+            return self._accumulator.importance()
         if self.reference is None:
             raise DPIConfigError("CoreProbeCallback has no reference θ0: training never began.")
-        deltas = update_magnitudes(model, self.reference, include=self.include, exclude=self.exclude)
-        return select_core(deltas, self.core_fraction, scope=self.scope)
+        return update_magnitudes(model, self.reference, include=self.include, exclude=self.exclude)
+
+    def select(self, model: torch.nn.Module) -> CoreMask:
+        """The core of ``model``'s probe: the top p of the importance."""
+        importance = self.importance_of(model)
+        if self.keep_importance:
+            importance = cpu_copy(importance)
+            self.importance = importance
+        core = select_core(importance, self.core_fraction, scope=self.scope)
+        self.ties = threshold_ties(importance, core)
+        message = tie_warning(self.ties, f"core of {self.task_name!r} ({self.signal})")
+        if message:
+            logger.warning(message)
+        return core
 
 
 class FreezeMaskCallback(TrainerCallback):

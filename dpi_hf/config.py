@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from .core.errors import DPIConfigError
-from .core.planning import STAGE_ORDERS, validate_jaccard_threshold
+from .core.planning import OVERLAPS, STAGE_ORDERS, validate_jaccard_threshold
 from .core.selection import CORE_SCOPES, validate_core_fraction
+from .core.signals import SIGNALS, validate_signal
 
 STRATEGIES = ("dpi", "multitask", "random", "given")
+RELIABILITY_MODES = ("none", "split_half")
 
 
 @dataclass
@@ -68,6 +70,38 @@ class DPIConfig(SFTConfig):
             skipping the probes. Its fingerprint must match the model and it must have a core for every task.
         save_stage_models (`bool`, defaults to `False`):
             Save the model after each stage `k` in `output_dir/stage-<k>/` (safetensors).
+        core_signal (`str`, defaults to `"fisher"`):
+            The importance that ranks elements into a core: `"fisher"` (Σ g², the squared gradients of the probe's
+            optimizer steps, accumulated in float32), `"gradsum"` (|Σ g|) or `"update"` (the paper's |θ − θ0| after
+            the probe). Measured on SmolLM2-135M, Σ g² cores reproduce across disjoint halves of a task's data far
+            better than |θ − θ0| cores for the same probe length (docs/results.md, "Are the cores reliable?").
+        probe_reliability (`str`, defaults to `"split_half"`):
+            `"split_half"`: probe each task twice from θ0, on two disjoint halves of its rows (each for the full probe
+            length), report the reliability r (the Jaccard of the two half-cores) and the reliability-corrected
+            overlaps, and select the task's core from the two halves' pooled importance. Doubles the probe cost.
+            `"none"`: one probe per task on all its rows.
+        overlap (`str`, defaults to `"corrected"`):
+            The matrix τ groups on: `"corrected"` (half-level overlap divided by sqrt(r_a·r_b), needs
+            `probe_reliability="split_half"`) or `"raw"` (the Jaccard of the pooled cores).
+        strict_reliability (`bool`, defaults to `False`):
+            Stop with an error, before any stage trains, when a task's core is not clearly more reproducible than
+            chance and than its overlap with other tasks (by default that is a warning).
+        probe_optim (`str` or `None`, defaults to `None`):
+            Optimizer of the probes (a `TrainingArguments.optim` name); `None` uses `optim`.
+        probe_weight_decay (`float`, defaults to `0.0`):
+            Weight decay of the probes; 0 so that decay does not enter |θ − θ0|.
+        probe_warmup_steps (`int`, defaults to `0`):
+            Warm-up steps of the probes.
+        probe_lr_scheduler_type (`str`, defaults to `"constant"`):
+            Learning-rate schedule of the probes (a probe that decays to 0 weighs its last steps less).
+        probe_batch_size (`int` or `None`, defaults to `None`):
+            Per-device batch size of the probes; `None` uses `per_device_train_batch_size`.
+        overwrite_output_dir (`bool`, defaults to `False`):
+            A fresh (not resumed) multi-task run in an `output_dir` that holds another run's DPI state stops with an
+            error unless this is True; then that state (probe and stage checkpoints, cores, plan) is deleted first.
+        allow_mask_mismatch (`bool`, defaults to `False`):
+            Accept `masks_from` masks computed on other weights of the same architecture (e.g. a base model's masks on
+            its chat variant) or with other core settings; the mismatch is recorded in `plan.json` and the card.
     """
 
     staging: str = field(
@@ -113,6 +147,34 @@ class DPIConfig(SFTConfig):
         default=False, metadata={"help": "Save the model after each stage in output_dir/stage-<k>/."}
     )
 
+    core_signal: str = field(
+        default="fisher", metadata={"help": "Importance that ranks elements into a core.", "choices": list(SIGNALS)}
+    )
+    probe_reliability: str = field(
+        default="split_half",
+        metadata={"help": "Measure each core's split-half reliability.", "choices": list(RELIABILITY_MODES)},
+    )
+    overlap: str = field(
+        default="corrected", metadata={"help": "Matrix the Jaccard threshold groups on.", "choices": list(OVERLAPS)}
+    )
+    strict_reliability: bool = field(
+        default=False, metadata={"help": "Error (not warning) when a task's core is not reliable."}
+    )
+    probe_optim: str | None = field(default=None, metadata={"help": "Optimizer of the probes (default: optim)."})
+    probe_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the probes."})
+    probe_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the probes."})
+    probe_lr_scheduler_type: str = field(default="constant", metadata={"help": "LR schedule of the probes."})
+    probe_batch_size: int | None = field(
+        default=None, metadata={"help": "Per-device batch size of the probes (default: per_device_train_batch_size)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Delete another run's DPI state in output_dir before a fresh run."}
+    )
+    allow_mask_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Accept masks_from masks from other weights/settings (recorded in plan.json and card)."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.validate_dpi()
@@ -139,6 +201,25 @@ class DPIConfig(SFTConfig):
             raise DPIConfigError("staging='given' needs stage_groups, e.g. [['gsm8k', 'logiqa'], ['code', 'alpaca']].")
         if self.stage_groups is not None and self.staging != "given":
             raise DPIConfigError(f"stage_groups is only used with staging='given' (staging is {self.staging!r}).")
+        validate_signal(self.core_signal)
+        if self.probe_reliability not in RELIABILITY_MODES:
+            raise DPIConfigError(f"probe_reliability={self.probe_reliability!r} is not one of {RELIABILITY_MODES}.")
+        if self.overlap not in OVERLAPS:
+            raise DPIConfigError(f"overlap={self.overlap!r} is not one of {OVERLAPS}.")
+        if self.overlap == "corrected" and self.probe_reliability != "split_half" and self.masks_from is None:
+            raise DPIConfigError(
+                "overlap='corrected' needs probe_reliability='split_half' (the correction divides by each task's "
+                "split-half reliability); set probe_reliability='split_half' or overlap='raw'."
+            )
+        if self.strict_reliability and self.probe_reliability != "split_half" and self.masks_from is None:
+            raise DPIConfigError("strict_reliability=True needs probe_reliability='split_half' to measure reliability.")
+        if not (isinstance(self.probe_weight_decay, (int, float)) and self.probe_weight_decay >= 0):
+            raise DPIConfigError(f"probe_weight_decay={self.probe_weight_decay!r} must be a number >= 0.")
+        if not (isinstance(self.probe_warmup_steps, int) and self.probe_warmup_steps >= 0):
+            raise DPIConfigError(f"probe_warmup_steps={self.probe_warmup_steps!r} must be an integer >= 0.")
+        if self.probe_batch_size is not None and not (isinstance(self.probe_batch_size, int)
+                                                      and self.probe_batch_size >= 1):
+            raise DPIConfigError(f"probe_batch_size={self.probe_batch_size!r} must be a positive integer or None.")
         for field_name in ("core_include", "core_exclude"):
             v = getattr(self, field_name)
             if isinstance(v, str):

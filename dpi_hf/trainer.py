@@ -23,32 +23,42 @@ a probe — and therefore the core — is identical on every rank. Only the main
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from .artifacts import (
     CORES_FILE,
     DPI_DIR,
+    PLAN_FILE,
     atomic_write_text,
     load_dpi_artifacts,
+    resolve_masks_source,
     save_dpi_artifacts,
     write_model_card,
 )
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
-from .core import load_cores, plan_stages, save_cores
-from .core.errors import DPIConfigError, ProbeDivergedError
+from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
+from .core.errors import DPIConfigError, FingerprintMismatchError, ProbeDivergedError
 from .core.planning import StagePlan, plan_from_groups
+from .core.reliability import ReliabilityReport, reliability_report
+from .core.signals import pool_importance, threshold_ties, tie_warning
 from .phases import PROBE, STAGE, PhaseRecord, batch_rows
 
 logger = logging.getLogger(__name__)
@@ -94,13 +104,53 @@ def split_tasks(dataset, task_column: str) -> dict[str, Dataset] | None:
     return None
 
 
+# DPIConfig's own fields (not SFTConfig's), derived once from the dataclass
+DPI_FIELDS = tuple(f for f in DPIConfig.__dataclass_fields__ if f not in SFTConfig.__dataclass_fields__)
+# fields that change how a run is stored or reported, not which cores, plan or weights it produces
+_BOOKKEEPING_FIELDS = ("task_column", "save_stage_models", "overwrite_output_dir", "allow_mask_mismatch")
+# training arguments that set the budget and optimisation of the stages: part of a run's identity
+_BUDGET_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+                  "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed",
+                  "max_length", "packing", "bf16", "fp16")
+
+
 def _dpi_fields_changed(args: DPIConfig) -> list[str]:
     defaults = DPIConfig.__dataclass_fields__
-    names = [
-        "staging", "core_fraction", "jaccard_threshold", "core_scope", "core_include", "core_exclude", "probe_steps",
-        "probe_epochs", "probe_learning_rate", "stage_order", "stage_groups", "masks_from", "freeze_cores",
-    ]
-    return [n for n in names if getattr(args, n) != defaults[n].default]
+    return [n for n in DPI_FIELDS
+            if n not in _BOOKKEEPING_FIELDS and getattr(args, n) != defaults[n].default]
+
+
+def dpi_settings(args: DPIConfig) -> dict:
+    """The DPI fields of ``args`` (every field DPIConfig adds to SFTConfig), JSON-ready."""
+    return {n: getattr(args, n) for n in DPI_FIELDS if n not in _BOOKKEEPING_FIELDS} | {"freeze": args.freezes}
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """sha256 of a tokenized dataset's token ids (and masks), row by row: the data a phase trains on."""
+    h = hashlib.sha256()
+    cols = [c for c in ("input_ids", "completion_mask", "assistant_masks", "labels") if c in ds.column_names]
+    h.update(json.dumps(cols).encode())
+    for batch in ds.select_columns(cols).iter(batch_size=1000):
+        for c in cols:
+            for row in batch[c]:
+                h.update(np.asarray(row, dtype=np.int64).tobytes())
+                h.update(b"|")
+    return h.hexdigest()
+
+
+# the settings a cores file records that decide which elements its cores hold
+_MASK_SETTINGS = ("core_fraction", "core_scope", "core_include", "core_exclude", "core_signal", "probe_reliability",
+                  "probe_steps", "probe_epochs", "probe_learning_rate")
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _kill_point(name: str) -> None:
+    # fault injection for the kill/resume tests: SIGKILL this process at a named point of the run
+    if os.environ.get("DPI_HF_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def allocate_steps(total: int, sizes: list[int]) -> list[int]:
@@ -172,6 +222,7 @@ class DPITrainer(SFTTrainer):
 
         self._validate_multitask(args)
         self._preloaded_cores = None
+        self._mask_source = None
         if args.masks_from is not None and args.needs_probes and not isinstance(model, str):
             self._preloaded_cores = self._load_masks(args, model)
         _library_logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
@@ -186,10 +237,41 @@ class DPITrainer(SFTTrainer):
             self._preloaded_cores = self._load_masks(args, self.model)
 
     def _load_masks(self, args: DPIConfig, model):
-        # fail now, not after hours of training: the masks must exist, fit this model and cover every task
-        cores, _ = load_dpi_artifacts(args.masks_from, model=model, tasks=list(self.tasks))
+        """Load ``masks_from`` now, not after hours of training: they must exist, fit this model, cover every task,
+        and have been computed with this config's core settings (or ``allow_mask_mismatch`` records that they were
+        not)."""
+        dpi_dir = resolve_masks_source(args.masks_from)
+        other_weights = None
+        try:
+            cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=list(self.tasks), check_content=True)
+        except FingerprintMismatchError as e:
+            if not args.allow_mask_mismatch or "other weights" not in str(e):
+                raise
+            cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=list(self.tasks), check_content=False)
+            other_weights = str(e).split(":", 1)[0]
+            logger.warning("DPI: allow_mask_mismatch: %s", e)
         if cores is None:
             raise DPIConfigError(f"masks_from={args.masks_from!r} holds a plan but no {CORES_FILE}.")
+        meta = read_cores_metadata(dpi_dir / CORES_FILE)
+        settings = {k: meta[k] for k in _MASK_SETTINGS if k in meta}
+        mismatches = [f"{k}: masks {settings[k]!r}, config {getattr(args, k)!r}" for k in settings
+                      if _as_list(settings[k]) != _as_list(getattr(args, k))]
+        if mismatches and not args.allow_mask_mismatch:
+            raise DPIConfigError(
+                f"masks_from={args.masks_from!r} were computed with other core settings than this config's: "
+                f"{'; '.join(mismatches)}. Set the config to the masks' values, re-probe (drop masks_from), or set "
+                "allow_mask_mismatch=True to use them anyway (recorded in plan.json and the card)."
+            )
+        for m in mismatches:
+            logger.warning("DPI: allow_mask_mismatch: masks_from differs from the config in %s", m)
+        reliability = plan.reliability if plan is not None else None
+        if args.staging == "dpi" and args.overlap == "corrected" and reliability is None:
+            raise DPIConfigError(
+                f"overlap='corrected' needs the split-half reliability of the cores, and masks_from="
+                f"{args.masks_from!r} has none (probed with probe_reliability='none'); set overlap='raw' or re-probe."
+            )
+        self._mask_source = {"path": str(args.masks_from), "settings": settings, "mismatches": mismatches,
+                             "other_weights": other_weights, "reliability": reliability}
         return cores
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -255,10 +337,30 @@ class DPITrainer(SFTTrainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Train: plain SFT for one dataset; probes → plan → stages for several tasks.
+
+        Args:
+            resume_from_checkpoint: ``True`` resumes the interrupted multi-task run in ``output_dir`` (finished
+                probes and stages are kept, the interrupted stage continues from its last checkpoint); a path to a
+                checkpoint of the stage that was interrupted (``output_dir/_dpi_runs/stage-<k>/checkpoint-<n>``)
+                continues that stage from that checkpoint. Resuming with other settings than the interrupted run's is
+                an error that lists the changed fields.
+        """
         if self.tasks is None:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                  ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-        return self._train_staged(bool(resume_from_checkpoint))
+        return self._train_staged(resume_from_checkpoint, train_stages=True)
+
+    def probe(self) -> StagePlan:
+        """Run the probes and plan, write ``dpi/cores.safetensors``, ``dpi/plan.json`` (with the reliability report)
+        and the overlap plot, and train no stage. The model is left at its initial weights.
+
+        ``masks_from=<output_dir>`` then reuses these cores, so a plan can be checked before paying for the stages.
+        """
+        if self.tasks is None:
+            raise DPIConfigError("probe() needs several tasks (a dict of datasets or a task column); got one dataset.")
+        self._train_staged(None, train_stages=False)
+        return self.plan
 
     @property
     def _dpi_dir(self) -> Path:
@@ -270,23 +372,25 @@ class DPITrainer(SFTTrainer):
         return Path(self._base_output_dir) / RUNS_DIR
 
     def _settings(self) -> dict:
-        a = self.args
-        return {
-            "staging": a.staging,
-            "core_fraction": a.core_fraction,
-            "core_scope": a.core_scope,
-            "core_include": a.core_include,
-            "core_exclude": a.core_exclude,
-            "jaccard_threshold": a.jaccard_threshold,
-            "stage_order": a.stage_order,
-            "probe_steps": a.probe_steps if a.probe_epochs is None else None,
-            "probe_epochs": a.probe_epochs,
-            "freeze": a.freezes,
-        }
+        settings = dpi_settings(self.args)
+        if self._mask_source is not None:  # the masks' own settings, not the config's, describe these cores
+            settings.update(self._mask_source["settings"])
+            if self._mask_source["mismatches"]:
+                settings["masks_mismatch"] = "; ".join(self._mask_source["mismatches"])
+            if self._mask_source["other_weights"]:
+                settings["masks_other_weights"] = self._mask_source["other_weights"]
+        return settings
 
-    def _progress(self) -> dict:
-        path = self._runs_dir / "progress.json"
-        return json.loads(path.read_text()) if path.is_file() else {"finished_stages": [], "stage_history": []}
+    def _run_identity(self) -> dict:
+        """Everything that decides the cores, the plan and the trained weights of this run."""
+        a = self.args
+        fp = model_fingerprint(self.model)
+        return {
+            "tasks": {t: {"rows": len(ds), "digest": dataset_digest(ds)} for t, ds in self._task_train.items()},
+            "model_fingerprint": {k: fp[k] for k in ("sha256", "content")},
+            **{k: v for k, v in dpi_settings(a).items()},
+            "budget": {f: getattr(a, f, None) for f in _BUDGET_FIELDS} | {"world_size": a.world_size},
+        }
 
     def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
@@ -298,85 +402,206 @@ class DPITrainer(SFTTrainer):
                 if n in state:
                     p.data.copy_(state[n])
 
-    def _run_phase(self, name: str, dataset: Dataset, *, max_steps: int, epochs: float | None, lr: float,
-                   callbacks=(), resume: bool = False, save: bool = True):
-        """One ordinary Trainer.train() on ``dataset`` with a fresh optimizer/scheduler and its own output dir."""
+    # ----------------------------------------------------------------------------------------------- run state
+    def _prepare_run_dir(self, resume_from_checkpoint, identity: dict) -> tuple[dict, str | None]:
+        """Check ``output_dir`` against this run before any work; return (progress, explicit checkpoint or None)."""
         a = self.args
-        saved = (a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name, a.save_strategy)
-        if not save:
-            a.save_strategy = SaveStrategy.NO
-        a.output_dir = str(self._runs_dir / name)
-        a.max_steps = max_steps if epochs is None else -1
+        runs, dpi_dir = self._runs_dir, self._dpi_dir
+        saved_path = runs / "identity.json"
+        if resume_from_checkpoint:
+            if not saved_path.is_file():
+                raise DPIConfigError(
+                    f"resume_from_checkpoint was given but {str(runs)!r} holds no interrupted DPI run (no "
+                    "identity.json); drop resume_from_checkpoint to start fresh."
+                )
+            saved = json.loads(saved_path.read_text())
+            changed = _changed_fields(saved, identity)
+            if changed:
+                raise DPIConfigError(
+                    f"cannot resume the run in {str(a.output_dir)!r}: these settings differ from the interrupted run's: "
+                    f"{'; '.join(changed)}. Restore them to resume, or start fresh with overwrite_output_dir=True "
+                    "(deletes that run's DPI state) or another output_dir."
+                )
+            checkpoint = None
+            if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+                checkpoint = str(resume_from_checkpoint)
+            progress_path = runs / "progress.json"
+            progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
+            return progress, checkpoint
+        used = saved_path.is_file() or (dpi_dir / PLAN_FILE).is_file() or (dpi_dir / CORES_FILE).is_file()
+        if used and not a.overwrite_output_dir:
+            raise DPIConfigError(
+                f"output_dir {str(a.output_dir)!r} already holds a DPI run (dpi/ or _dpi_runs/). Resume it with "
+                "resume_from_checkpoint=True, start fresh with overwrite_output_dir=True (deletes its DPI state), or "
+                "pick another output_dir."
+            )
+        if self.is_world_process_zero():
+            if used:
+                logger.info("DPI: overwrite_output_dir: deleting the previous run's %s and %s", runs, dpi_dir)
+            shutil.rmtree(runs, ignore_errors=True)  # stale probe/stage checkpoints must never be resumed from
+            shutil.rmtree(dpi_dir, ignore_errors=True)
+            for stage_dir in Path(a.output_dir).glob("stage-*"):
+                if stage_dir.is_dir():
+                    shutil.rmtree(stage_dir, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._write_json(saved_path, identity)
+        self.accelerator.wait_for_everyone()
+        return {}, None
+
+    def _checkpoint_for(self, k: int, explicit: str | None, finished: list[int], resume: bool) -> str | None:
+        stage_dir = self._runs_dir / f"stage-{k}"
+        if explicit is not None:
+            path = Path(explicit).resolve()
+            if path.parent != stage_dir.resolve():
+                return None
+            return str(path)
+        if resume and stage_dir.is_dir():
+            return get_last_checkpoint(str(stage_dir))
+        return None
+
+    def _check_explicit_checkpoint(self, explicit: str, plan: StagePlan, finished: list[int]) -> None:
+        path = Path(explicit).resolve()
+        pending = [k for k in range(len(plan.stages)) if k not in finished]
+        runs = self._runs_dir.resolve()
+        expected = f"{runs}/stage-{pending[0]}/checkpoint-<step>" if pending else "none: every stage is finished"
+        ok = (pending and path.parent == (runs / f"stage-{pending[0]}") and path.name.startswith("checkpoint-")
+              and path.is_dir())
+        if not ok:
+            raise DPIConfigError(
+                f"resume_from_checkpoint={explicit!r} is not a checkpoint of the stage this run continues with; "
+                f"probes keep no checkpoints (a killed probe reruns from θ0) and finished stages are kept. Expected "
+                f"{expected}, or pass resume_from_checkpoint=True to pick the latest checkpoint."
+            )
+
+    # ----------------------------------------------------------------------------------------------- phases
+    def _phase_args(self, name: str, probe: bool, max_steps: int, epochs: float | None) -> DPIConfig:
+        a = self.args
+        kw = dict(output_dir=str(self._runs_dir / name), max_steps=max_steps if epochs is None else -1)
         if epochs is not None:
-            a.num_train_epochs = epochs
-        a.learning_rate = lr
-        self.train_dataset = dataset
-        # fresh optimizer and scheduler; drop the previous phase's from accelerate's registry so their state is freed
+            kw["num_train_epochs"] = epochs
+        if probe:
+            kw.update(
+                learning_rate=a.probe_learning_rate or a.learning_rate, weight_decay=a.probe_weight_decay,
+                warmup_steps=a.probe_warmup_steps, optim=a.probe_optim or a.optim,
+                lr_scheduler_type=a.probe_lr_scheduler_type, save_strategy=SaveStrategy.NO,
+                per_device_train_batch_size=a.probe_batch_size or a.per_device_train_batch_size,
+            )
+            if a.probe_lr_scheduler_type != a.lr_scheduler_type:
+                kw["lr_scheduler_kwargs"] = {}
+        # a shallow copy with fields set, not dataclasses.replace: re-running TrainingArguments.__post_init__ would
+        # reset accelerate's process state; the run's own arguments are never edited
+        phase = copy.copy(a)
+        for key, value in kw.items():
+            setattr(phase, key, value)
+        return phase
+
+    def _drop_optimizer(self) -> None:
+        # each phase builds its own optimizer and scheduler; accelerate keeps every prepared optimizer in its
+        # registry (and saves them all in checkpoints), so the previous phase's must leave it
         self.optimizer, self.lr_scheduler = None, None
         self._created_lr_scheduler = False
         self.accelerator._optimizers.clear()
         self.accelerator._schedulers.clear()
-        checkpoint = get_last_checkpoint(a.output_dir) if resume and Path(a.output_dir).is_dir() else None
+
+    def _run_phase(self, phase_args: DPIConfig, dataset: Dataset, callbacks=(), checkpoint: str | None = None):
+        """One ordinary Trainer.train() on ``dataset`` under ``phase_args``, with a fresh optimizer and scheduler."""
+        base_args, base_batch = self.args, self._train_batch_size
+        self.args, self._train_batch_size = phase_args, phase_args.train_batch_size
+        self.train_dataset = dataset
+        self._drop_optimizer()
         for cb in callbacks:
             self.add_callback(cb)
         self._phase_examples = 0
         try:
-            out = SFTTrainer.train(self, resume_from_checkpoint=checkpoint)
+            return SFTTrainer.train(self, resume_from_checkpoint=checkpoint)
         finally:
             for cb in callbacks:
                 self.remove_callback(cb)
-            a.output_dir, a.max_steps, a.num_train_epochs, a.learning_rate, a.run_name, a.save_strategy = saved
-            self.optimizer, self.lr_scheduler = None, None
-            self.accelerator._optimizers.clear()
-            self.accelerator._schedulers.clear()
-        return out
+            self.args, self._train_batch_size = base_args, base_batch
+            self._drop_optimizer()
 
-    def _phase_budget(self, probe: bool):
+    def _probe_budget(self):
         a = self.args
-        if probe:
-            return (a.probe_steps, a.probe_epochs) if a.probe_epochs is not None else (a.probe_steps, None)
-        return a.max_steps, (None if a.max_steps and a.max_steps > 0 else a.num_train_epochs)
+        return (a.probe_steps, a.probe_epochs) if a.probe_epochs is not None else (a.probe_steps, None)
 
-    def _probe_all(self, theta0, resume: bool) -> dict:
+    def _halves(self, task: str) -> list[Dataset]:
+        rows = self._task_train[task]
+        if self.args.probe_reliability != "split_half":
+            return [rows]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.args.seed)).tolist()
+        mid = len(rows) // 2
+        return [rows.select(sorted(order[:mid])), rows.select(sorted(order[mid:]))]
+
+    def _probe_one(self, task: str, part: Dataset, theta0, half: int | None, n_parts: int) -> CoreProbeCallback:
         a = self.args
-        if self._preloaded_cores is not None:
-            logger.info("DPI: reusing cores from %s (probes skipped)", a.masks_from)
-            return self._preloaded_cores
-        cores = {}
-        steps, epochs = self._phase_budget(probe=True)
-        lr = a.probe_learning_rate or a.learning_rate
+        steps, epochs = self._probe_budget()
+        label = f"{task} (half {half}/{n_parts})" if half else task
+        self._restore(theta0)
+        cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
+                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1)
+        name = f"probe-{_safe_name(task)}" + (f"-half{half}" if half else "")
+        t0 = time.perf_counter()
+        try:
+            out = self._run_phase(self._phase_args(name, True, steps, epochs), part, callbacks=[cb])
+        except ProbeDivergedError as e:
+            raise ProbeDivergedError(f"the probe of task {task!r} diverged: {e}") from None
+        self.phase_records.append(PhaseRecord(
+            kind=PROBE, name=f"probe {label}", tasks=[task], steps=out.global_step, examples=self._phase_examples,
+            seconds=time.perf_counter() - t0, train_loss=out.training_loss, half=half))
+        return cb
+
+    def _probe_all(self, theta0, resume: bool):
+        """Every task's core (and, with split-half probes, its two half-cores)."""
+        a = self.args
+        cores, half_cores = {}, {}
+        steps, epochs = self._probe_budget()
         n = len(self.tasks)
         for i, task in enumerate(self.tasks):
             path = self._runs_dir / "probes" / f"{_safe_name(task)}.safetensors"
             if resume and path.is_file():
-                cores[task] = load_cores(path, model=self.model)[task]
+                saved = load_cores(path, model=self.model)
+                cores[task] = saved[task]
+                if "half-1" in saved:
+                    half_cores[task] = (saved["half-1"], saved["half-2"])
+                self.phase_records += [PhaseRecord.from_dict(r) for r in read_cores_metadata(path)["phases"]]
                 logger.info("DPI: probe %d/%d %s already done (%s)", i + 1, n, task, path)
                 continue
-            logger.info("DPI: probe %d/%d %s (%s)", i + 1, n, task, f"{epochs} epochs" if epochs else f"{steps} steps")
-            self._restore(theta0)
-            probe = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude,
-                                      reference=theta0, task_name=task)
-            t0 = time.perf_counter()
-            try:
-                out = self._run_phase(f"probe-{_safe_name(task)}", self._task_train[task], max_steps=steps, epochs=epochs,
-                                lr=lr, callbacks=[probe], save=False)  # a killed probe restarts from θ0
-            except ProbeDivergedError as e:
-                raise ProbeDivergedError(f"the probe of task {task!r} diverged: {e}") from None
-            cores[task] = probe.core
-            self.phase_records.append(PhaseRecord(
-                kind=PROBE, name=f"probe {task}", tasks=[task], steps=out.global_step, examples=self._phase_examples,
-                seconds=time.perf_counter() - t0, train_loss=out.training_loss))
+            parts = self._halves(task)
+            first = len(self.phase_records)
+            logger.info("DPI: probe %d/%d %s (%s%s, signal %s)", i + 1, n, task,
+                        f"{epochs} epochs" if epochs else f"{steps} steps",
+                        ", two halves of its rows" if len(parts) > 1 else "", a.core_signal)
+            probes = [self._probe_one(task, part, theta0, h + 1 if len(parts) > 1 else None, len(parts))
+                      for h, part in enumerate(parts)]
+            if len(probes) == 1:
+                cores[task] = probes[0].core
+                to_save = {task: cores[task]}
+            else:
+                pooled = pool_importance(p.importance for p in probes)
+                for p in probes:
+                    p.importance = None
+                cores[task] = select_core(pooled, a.core_fraction, scope=a.core_scope)
+                message = tie_warning(threshold_ties(pooled, cores[task]), f"pooled core of {task!r}")
+                if message:
+                    logger.warning(message)
+                del pooled
+                half_cores[task] = (probes[0].core, probes[1].core)
+                to_save = {task: cores[task], "half-1": probes[0].core, "half-2": probes[1].core}
             if self.is_world_process_zero():
-                save_cores({task: probe.core}, path, model=self.model, **self._settings())
+                save_cores(to_save, path, model=self.model, **self._settings(),
+                           phases=[r.to_dict() for r in self.phase_records[first:]])
             self.accelerator.wait_for_everyone()
-        return cores
+            _kill_point(f"after-probe-{task}")
+        return cores, half_cores
 
-    def _make_plan(self, cores) -> StagePlan:
+    def _make_plan(self, cores, reliability: ReliabilityReport | None) -> StagePlan:
         a = self.args
         tasks = list(self.tasks)
         if a.staging == "dpi":
             sizes = {t: len(ds) for t, ds in self._task_train.items()}
-            plan = plan_stages(cores, a.jaccard_threshold, order=a.stage_order, seed=a.seed, tasks=tasks, sizes=sizes)
+            overlap = a.overlap if reliability is not None or a.overlap == "raw" else "raw"
+            plan = plan_stages(cores, a.jaccard_threshold, order=a.stage_order, seed=a.seed, tasks=tasks, sizes=sizes,
+                               reliability=reliability, overlap=overlap)
             if not a.freezes:  # DPI grouping without isolation (an ablation)
                 plan.freeze = False
                 plan.frozen_counts = [0] * len(plan.stages)
@@ -392,38 +617,85 @@ class DPITrainer(SFTTrainer):
             shuffled = tasks[:]
             random.Random(a.seed).shuffle(shuffled)
             stages = [shuffled[i::k] for i in range(k)]
-        return plan_from_groups(cores, stages, tasks=tasks, freeze=a.freezes,
+        plan = plan_from_groups(cores, stages, tasks=tasks, freeze=a.freezes,
                                 jaccard_threshold=a.jaccard_threshold, stage_order=a.staging)
+        plan.reliability = reliability
+        return plan
 
-    def _train_staged(self, resume: bool) -> TrainOutput:
+    def _cores_and_reliability(self, theta0, resume: bool):
+        a = self.args
+        if self._preloaded_cores is not None:
+            logger.info("DPI: reusing cores from %s (probes skipped)", a.masks_from)
+            return self._preloaded_cores, self._mask_source.get("reliability")
+        cores, half_cores = self._probe_all(theta0, resume)
+        if not half_cores:
+            return cores, None
+        return cores, reliability_report(half_cores, a.core_fraction, tasks=list(self.tasks))
+
+    def _check_reliability(self, reliability: ReliabilityReport | None) -> None:
+        if reliability is None or not reliability.unreliable:
+            return
+        if self.args.strict_reliability:
+            raise DPIConfigError(
+                "strict_reliability: " + " | ".join(reliability.unreliable.values())
+                + " No stage was trained; fix the probes or set strict_reliability=False."
+            )
+        for message in reliability.unreliable.values():
+            logger.warning("DPI: unreliable core: %s", message)
+
+    def _artifact_record(self, identity: dict) -> dict:
+        probes = [r for r in self.phase_records if r.kind == PROBE]
+        record = {
+            **self._settings(),
+            "run_identity": identity,
+            "probe_cost": {"phases": len(probes), "steps": sum(r.steps for r in probes),
+                           "examples": sum(r.examples for r in probes)},
+        }
+        if self._mask_source is not None:
+            record["masks_source"] = {k: v for k, v in self._mask_source.items() if k != "reliability"}
+        return record
+
+    def _train_staged(self, resume_from_checkpoint, train_stages: bool) -> TrainOutput:
         a = self.args
         self._base_output_dir = a.output_dir
         t_start = time.perf_counter()
-        progress = self._progress() if resume else {"finished_stages": [], "stage_history": []}
-        if not resume and self.is_world_process_zero() and (self._runs_dir / "progress.json").exists():
-            (self._runs_dir / "progress.json").unlink()
+        resume = bool(resume_from_checkpoint)
+        identity = self._run_identity()
+        progress, explicit = self._prepare_run_dir(resume_from_checkpoint, identity)
+        self.phase_records = []
         theta0 = snapshot_parameters(self.model)
 
-        cores = self._probe_all(theta0, resume) if a.needs_probes else None
+        if a.needs_probes:
+            cores, reliability = self._cores_and_reliability(theta0, resume)
+        else:
+            cores, reliability = None, None
         self._restore(theta0)
-        plan = self._make_plan(cores)
+        plan = self._make_plan(cores, reliability)
         self.cores, self.plan = cores, plan
-        if self.is_world_process_zero():
-            save_dpi_artifacts(self._base_output_dir, cores, plan, model=self.model, **self._settings())
         logger.info("DPI plan:\n%s", plan.describe())
+        self._check_reliability(reliability)
+        if explicit is not None:
+            self._check_explicit_checkpoint(explicit, plan, progress.get("finished_stages", []))
+        artifact = self._artifact_record(identity)
+        if self.is_world_process_zero():
+            save_dpi_artifacts(self._base_output_dir, cores, plan, model=self.model, **artifact)
+        _kill_point("after-plan")
         self.log({f"dpi/core_size/{t}": float(c) for t, c in plan.core_counts.items()}
                  | {"dpi/num_stages": float(len(plan.stages))})
+        if not train_stages:
+            if self.is_world_process_zero():
+                write_model_card(self._base_output_dir, plan, artifact)
+            return TrainOutput(0, 0.0, {"train_runtime": time.perf_counter() - t_start, "dpi_stages": 0})
 
         sizes = [sum(len(self._task_train[t]) for t in s) for s in plan.stages]
-        budget, epochs = self._phase_budget(probe=False)
-        steps = allocate_steps(budget, sizes) if epochs is None else [budget] * len(plan.stages)
+        epochs = None if a.max_steps and a.max_steps > 0 else a.num_train_epochs
+        steps = allocate_steps(a.max_steps, sizes) if epochs is None else [-1] * len(plan.stages)
 
-        finished = progress["finished_stages"]
-        self.phase_records = [PhaseRecord.from_dict(r) for r in progress.get("stage_history", [])] + self.phase_records
+        finished = list(progress.get("finished_stages", []))
+        self.phase_records += [PhaseRecord.from_dict(r) for r in progress.get("stages", [])]
         if finished:
-            last = max(finished)
             self._restore(load_file(str(self._runs_dir / "last-stage.safetensors")))
-            logger.info("DPI: resuming after stage %d", last + 1)
+            logger.info("DPI: resuming after stage %d", max(finished) + 1)
         forgetting = progress.get("forgetting", [])
         total_loss, total_steps = 0.0, 0
         for k, stage in enumerate(plan.stages):
@@ -437,8 +709,10 @@ class DPITrainer(SFTTrainer):
                 self._task_train[stage[0]]
             callbacks = [FreezeMaskCallback(frozen)] if n_frozen else []
             t0 = time.perf_counter()
-            out = self._run_phase(f"stage-{k}", data, max_steps=steps[k], epochs=epochs, lr=a.learning_rate,
-                                  callbacks=callbacks, resume=resume)
+            checkpoint = self._checkpoint_for(k, explicit, finished, resume)
+            out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
+                                  callbacks=callbacks, checkpoint=checkpoint)
+            _kill_point(f"after-stage-{k}-train")
             total_loss += out.training_loss * out.global_step
             total_steps += out.global_step
             record = PhaseRecord(kind=STAGE, name=f"stage {k + 1}", tasks=list(stage), steps=out.global_step,
@@ -454,17 +728,19 @@ class DPITrainer(SFTTrainer):
             if self.is_world_process_zero():
                 state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
                 runs = self._runs_dir
-                runs.mkdir(parents=True, exist_ok=True)
                 save_file(state, str(runs / "last-stage.safetensors.tmp"))
                 (runs / "last-stage.safetensors.tmp").replace(runs / "last-stage.safetensors")
+            _kill_point(f"after-stage-{k}-save")
             finished.append(k)
-            self._write_json(self._runs_dir / "progress.json", {"finished_stages": finished, "stage_history": self.stage_history,
-                                               "forgetting": forgetting})
+            self._write_json(self._runs_dir / "progress.json", {
+                "finished_stages": finished, "stages": [r.to_dict() for r in self.phase_records if r.kind == STAGE],
+                "forgetting": forgetting})
             self.accelerator.wait_for_everyone()
         if forgetting:
             self._write_json(self._dpi_dir / "forgetting.json", forgetting)
         if self.is_world_process_zero():
-            write_model_card(self._base_output_dir, plan, self._settings())
+            write_model_card(self._base_output_dir, plan, artifact)
+        _kill_point("after-card")
         metrics = {"train_runtime": time.perf_counter() - t_start, "dpi_stages": len(plan.stages)}
         return TrainOutput(total_steps, total_loss / max(total_steps, 1), metrics)
 
@@ -473,3 +749,20 @@ class DPITrainer(SFTTrainer):
         super().create_model_card(*args, **kwargs)
         if self.plan is not None and self.is_world_process_zero():
             write_model_card(self.args.output_dir, self.plan, self._settings())
+
+
+def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """'field: saved → current' for every field that differs between two run identities (nested dicts flattened)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and list(b) == a):
+            out.append(f"{prefix}{key}: {_short(a)} → {_short(b)}")
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 40 else text[:16] + "…" + text[-8:]

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH, STEPS, PROBE_STEPS = 4, 6, 2
 TRAINING = dict(per_device_train_batch_size=BATCH, learning_rate=1e-2, max_steps=STEPS, probe_steps=PROBE_STEPS,
                 core_fraction=0.05, jaccard_threshold=0.3, logging_steps=1, use_cpu=True, bf16=False,
-                activation_checkpointing=False, max_length=256, dataset_num_proc=None, disable_tqdm=True)
+                activation_checkpointing=False, max_length=256, dataset_num_proc=None, disable_tqdm=True,
+                # the paper's probe (one per task, |θ−θ0|, raw overlap): these tests check the harness, not the signal
+                core_signal="update", probe_reliability="none", overlap="raw")
 EVAL = dict(metrics={"code": "codebleu", "chat": "rougeL_proxy"}, metric_samples=2, max_new_tokens=6,
             batch_size=4, forgetting="nll")
 GROUPS = [["gsm8k", "logiqa"], ["code", "chat"]]

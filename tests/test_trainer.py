@@ -93,7 +93,8 @@ def test_three_tasks_end_to_end(tmp_path, tokenizer, tasks):
     bs = args.per_device_train_batch_size
     for r in trainer.phase_records:
         assert r.examples == r.steps * bs and r.tasks, r
-    assert [r.kind for r in trainer.phase_records] == ["probe"] * 3 + ["stage"] * 3
+    # split-half probes (the default): two per task, one per half of its rows
+    assert [(r.kind, r.half) for r in trainer.phase_records] == [("probe", 1), ("probe", 2)] * 3 + [("stage", None)] * 3
 
 
 def test_probes_reproducible_and_masks_from_skips_probes(tmp_path, tokenizer, tasks):

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 from .errors import DPIConfigError
 from .masks import CoreMask
+from .reliability import ReliabilityReport, describe_reliability
 
 STAGE_ORDERS = ("given", "largest_first", "random")
+OVERLAPS = ("raw", "corrected")
 
 
 def validate_jaccard_threshold(value) -> float:
@@ -98,6 +100,9 @@ class StagePlan:
         total_elements: N, the number of considered elements.
         cores: task → CoreMask (not serialised; reattach after :meth:`from_json` to call :meth:`frozen_before`).
         freeze: whether stages freeze earlier stages' cores (False for the paper's no-freezing baselines).
+        overlap: which matrix the groups were formed on: ``"raw"`` (``jaccard``) or ``"corrected"``
+            (``reliability.corrected_jaccard``).
+        reliability: the split-half :class:`~dpi_hf.core.reliability.ReliabilityReport`, when the probes measured it.
     """
 
     tasks: list[str]
@@ -110,6 +115,8 @@ class StagePlan:
     frozen_counts: list[int] = field(default_factory=list)
     total_elements: int = 0
     freeze: bool = True
+    overlap: str = "raw"
+    reliability: ReliabilityReport | None = None
     cores: dict[str, CoreMask] | None = field(default=None, repr=False, compare=False)
 
     def frozen_before(self, k: int) -> CoreMask:
@@ -145,6 +152,8 @@ class StagePlan:
             "frozen_counts": self.frozen_counts,
             "total_elements": self.total_elements,
             "freeze": self.freeze,
+            "overlap": self.overlap,
+            **(self.reliability.to_dict() if self.reliability is not None else {}),
         }
 
     def to_json(self, **extra) -> str:
@@ -165,6 +174,9 @@ class StagePlan:
                 frozen_counts=[int(x) for x in d.get("frozen_counts", [])],
                 total_elements=int(d.get("total_elements", 0)),
                 freeze=bool(d.get("freeze", True)),
+                overlap=d.get("overlap", "raw"),
+                reliability=ReliabilityReport.from_dict(d, d["tasks"], d.get("core_fraction"))
+                if "reliability" in d else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DPIConfigError(f"not a valid DPI plan ({type(e).__name__}: {e}); re-create it with plan_stages.")
@@ -185,7 +197,10 @@ class StagePlan:
             lines += ["Jaccard overlap of core regions:", " " * (w + 1) + " ".join(f"{t[:8]:>8}" for t in self.tasks)]
             for t, row in zip(self.tasks, self.jaccard):
                 lines.append(f"{t:<{w}} " + " ".join(f"{v:8.3f}" for v in row))
-            lines.append(f"groups (J >= {self.jaccard_threshold}): {self.groups}")
+            if self.reliability is not None:
+                lines.append(describe_reliability(self.reliability))
+            lines.append(f"groups ({'corrected ' if self.overlap == 'corrected' else ''}J >= {self.jaccard_threshold}): "
+                         f"{self.groups}")
         for k, s in enumerate(self.stages):
             frozen = f", frozen {100 * self.frozen_fraction(k):.2f}%" if self.frozen_counts else ""
             lines.append(f"stage {k + 1}/{len(self.stages)}: {s}{frozen}")
@@ -276,6 +291,8 @@ def plan_stages(
     seed: int = 0,
     tasks: Sequence[str] | None = None,
     sizes: Mapping[str, int] | None = None,
+    reliability: ReliabilityReport | None = None,
+    overlap: str = "raw",
 ) -> StagePlan:
     """Group tasks by core overlap and order the groups into stages (DESIGN.md §1 steps 4–6).
 
@@ -287,6 +304,10 @@ def plan_stages(
         seed: seed for ``order="random"`` (default 0).
         tasks: restrict/reorder to these task names (default: all of ``cores``); unknown names are an error.
         sizes: task → number of training examples, used by ``"largest_first"``.
+        reliability: the split-half reliability report of these cores (recorded in the plan; needed for
+            ``overlap="corrected"``). Default None.
+        overlap: the matrix τ applies to: ``"raw"`` (default; the cores' Jaccard) or ``"corrected"`` (the
+            reliability-corrected overlap of ``reliability``).
 
     Returns:
         A :class:`StagePlan` with the cores attached.
@@ -297,7 +318,20 @@ def plan_stages(
     tasks = list(tasks) if tasks is not None else list(cores)
     _check_cores(cores, tasks)
     jac = jaccard_matrix(cores, tasks)
-    edges = [(tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks)) if jac[i][j] >= tau]
+    if overlap not in OVERLAPS:
+        raise DPIConfigError(f"overlap={overlap!r} is not one of {OVERLAPS}.")
+    grouping = jac
+    if overlap == "corrected":
+        if reliability is None:
+            raise DPIConfigError(
+                "overlap='corrected' needs the split-half reliability of the cores; set probe_reliability="
+                "'split_half' (or overlap='raw')."
+            )
+        if list(reliability.tasks) != tasks:
+            reliability = _reorder(reliability, tasks)
+        grouping = reliability.corrected_jaccard
+    edges = [(tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks))
+             if grouping[i][j] >= tau]
     groups = connected_components(tasks, edges)
     plan = StagePlan(
         tasks=tasks,
@@ -306,6 +340,22 @@ def plan_stages(
         groups=groups,
         stages=order_groups(groups, order, seed, sizes),
         stage_order=order,
+        overlap=overlap,
+        reliability=reliability,
     )
     _fill_counts(plan, cores)
     return plan
+
+
+def _reorder(report: ReliabilityReport, tasks: list[str]) -> ReliabilityReport:
+    missing = [t for t in tasks if t not in report.tasks]
+    if missing:
+        raise DPIConfigError(f"the reliability report has no entry for tasks {missing}; probe them with split_half.")
+    pos = [report.tasks.index(t) for t in tasks]
+    return ReliabilityReport(
+        tasks=list(tasks), core_fraction=report.core_fraction, random_level=report.random_level,
+        reliability={t: report.reliability[t] for t in tasks},
+        half_jaccard=[[report.half_jaccard[i][j] for j in pos] for i in pos],
+        corrected_jaccard=[[report.corrected_jaccard[i][j] for j in pos] for i in pos],
+        unreliable={t: m for t, m in report.unreliable.items() if t in tasks},
+    )

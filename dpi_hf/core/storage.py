@@ -135,7 +135,7 @@ def read_cores_metadata(path) -> dict:
         raise MaskFileError(f"mask file {str(path)!r} has corrupt metadata ({e}); save the cores again.") from None
 
 
-def load_cores(path, model=None, *, tasks=None) -> dict[str, CoreMask]:
+def load_cores(path, model=None, *, tasks=None, check_content: bool = False) -> dict[str, CoreMask]:
     """Load the cores saved by :func:`save_cores`.
 
     Args:
@@ -143,13 +143,16 @@ def load_cores(path, model=None, *, tasks=None) -> dict[str, CoreMask]:
         model: if given, the stored fingerprint is checked against it and a mismatch raises
             :class:`~dpi_hf.core.errors.FingerprintMismatchError` naming the first differing parameter.
         tasks: load only these tasks (default: all); a name not in the file is an error listing the known ones.
+        check_content: with ``model``, also require the same weights as the model the masks were computed on (its
+            content digest); default False (names and shapes only).
 
     Returns:
         task name → CoreMask, in the saved task order.
     """
     info = read_cores_metadata(path)
     if model is not None:
-        check_fingerprint(info["fingerprint"], model, names=[n for n, _ in info["parameters"]])
+        check_fingerprint(info["fingerprint"], model, names=[n for n, _ in info["parameters"]],
+                          check_content=check_content)
     saved = info["tasks"]
     wanted = list(tasks) if tasks is not None else saved
     unknown = [t for t in wanted if t not in saved]
