@@ -47,9 +47,11 @@ from .selection import (
     _core_size,
     _first_eq_only,
     _histogram,
+    _index_dtype,
     _Info,
     _to_entry,
 )
+from .masks import _Entry
 
 # fingerprint hashes are kept below 2**20 so that the sum of their squares over any world size fits in int64
 _HASH_MASK = (1 << 20) - 1
@@ -85,10 +87,10 @@ class _Comm:
         return self.sum(m.reshape(-1)).reshape(self.size, row.size)
 
     def gather(self, values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-        """Every rank's int64 ``values`` (``counts[r]`` of them on rank r), indexed by mesh coordinate."""
+        """Every rank's ``values`` (``counts[r]`` of them on rank r, same dtype everywhere), by mesh coordinate."""
         longest = int(counts.max()) if counts.size else 0
-        buf = torch.zeros(longest, dtype=torch.int64)
-        buf[: values.size] = torch.from_numpy(values.astype(np.int64, copy=False))
+        buf = torch.zeros(longest, dtype=torch.from_numpy(values[:0]).dtype)
+        buf[: values.size] = torch.from_numpy(values)
         buf = buf.to(self.device)
         out = [torch.empty_like(buf) for _ in range(self.size)]
         self.dist.all_gather(out, buf, group=self.group)
@@ -236,7 +238,7 @@ def _per_tensor(pairs, resolve: _Resolver, fraction: Fraction, chunk: int) -> Co
 
 
 def _select(iterate, resolve, parts, hist, k, chunk, comm) -> list[np.ndarray]:
-    """Passes 2 (and 3): this rank's selected GLOBAL flat indices (sorted int64) per part, in ``parts`` order."""
+    """Passes 2 (and 3): this rank's selected GLOBAL flat indices (sorted; int32 below 2**31 elements) per part."""
     b, above = _boundary(hist, k)
     need = k - above
     lo, hi = b << 16, (b + 1) << 16
@@ -246,7 +248,7 @@ def _select(iterate, resolve, parts, hist, k, chunk, comm) -> list[np.ndarray]:
         local = _kept(iterate, resolve, parts, position, wanted, lo, hi, need, chunk, comm)
     else:
         local = _three_passes(iterate, resolve, parts, position, wanted, lo, hi, need, chunk, comm)
-    return [idx.astype(np.int64) + p.offset for idx, p in zip(local, parts)]
+    return local
 
 
 def _local_pairs(iterate, resolve, wanted) -> Iterator[tuple[str, torch.Tensor]]:
@@ -280,8 +282,8 @@ def _kept(iterate, resolve, parts, position, wanted, lo, hi, need, chunk, comm) 
                 continue
             values = bits[at]
             in_bin = np.flatnonzero(values < hi)
-            at += start
-            idx_parts.append(at.astype(np.int64, copy=False))
+            at += start + parts[i].offset  # global flat indices, stored as compactly as the 1-process path
+            idx_parts.append(at.astype(_index_dtype(parts[i].numel), copy=False))
             if in_bin.size:
                 pos_parts.append(in_bin + count)
                 low_parts.append(values[in_bin] & 0xFFFF)
@@ -338,7 +340,7 @@ def _three_passes(iterate, resolve, parts, position, wanted, lo, hi, need, chunk
                 at, eq = at[keep], eq[keep]
                 n_eq = room
             room -= n_eq
-            idx_parts.append(at.astype(np.int64) + start)
+            idx_parts.append((at + (start + parts[i].offset)).astype(_index_dtype(parts[i].numel), copy=False))
             eq_parts.append(eq)
         if idx_parts:
             found[i] = (np.concatenate(idx_parts), np.concatenate(eq_parts))
@@ -358,14 +360,26 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
 
 
 def _gather_mask(comm: _Comm, parts: list[_Part], selected: list[np.ndarray]) -> CoreMask:
-    """All-gather every rank's selected global indices into one CoreMask, identical on every rank."""
+    """All-gather every rank's selected global indices into one CoreMask, identical on every rank.
+
+    One tensor at a time, so that the transient buffers are those of one tensor (as in the one-process path), and
+    each rank's selection is freed as soon as it is sent.
+    """
     counts = np.array([s.size for s in selected], dtype=np.int64)
     matrix = comm.rows(counts)  # [coordinate, part]
-    pieces = comm.gather(_cat(selected, np.int64), matrix.sum(axis=1))
-    starts = np.cumsum(matrix, axis=1) - matrix
     entries = {}
     for i, part in enumerate(parts):
+        dtype = _index_dtype(part.numel)
+        mine, selected[i] = selected[i].astype(dtype, copy=False), None
         # shards hold increasing flat ranges in coordinate order, so the concatenation is sorted
-        idx = np.concatenate([pieces[r][starts[r, i] : starts[r, i] + matrix[r, i]] for r in range(comm.size)])
-        entries[part.name] = _to_entry(part.shape, idx)
+        idx = np.concatenate(comm.gather(mine, matrix[:, i]))
+        del mine
+        entries[part.name] = _entry(part.shape, part.numel, idx)
     return CoreMask(entries)
+
+
+def _entry(shape: tuple[int, ...], numel: int, idx: np.ndarray):
+    # int32 indices go into the mask as they are (no int64 transient) when they are the smaller encoding
+    if idx.dtype == np.int32 and idx.size * 4 <= (numel + 7) // 8:
+        return _Entry(shape, torch.from_numpy(idx), None, int(idx.size))
+    return _to_entry(shape, idx)
