@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine under accelerate FSDP2 and DeepSpeed ZeRO-3 on 2 GPUs (needs: pip install -e '.[deepspeed]').
 #   bash tests/gpu/run.sh
-# Each run: a tiny Llama, a probe from θ0, the distributed core selection (FSDP2: must equal the selection on the
+# Not collected by pytest (no test_*.py here). Each run: a tiny Llama, a probe from θ0, the distributed core selection (FSDP2: must equal the selection on the
 # gathered magnitudes), θ0 restored bit-exactly, then a stage with the core frozen: frozen values bit-identical.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
