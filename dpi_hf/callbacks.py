@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from .core import CoreMask, ParameterFreezer, save_cores, select_core, update_magnitudes
 from .core.errors import DPIConfigError
 from .core.selection import validate_core_fraction, validate_scope
+from .core.sharding import snapshot_parameters  # noqa: F401  (re-exported: θ0 copies, local shards only)
 from .core.signals import (
     GRADIENT_SIGNALS,
     ImportanceAccumulator,
@@ -36,15 +37,6 @@ from .core.signals import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def snapshot_parameters(model: torch.nn.Module, include_frozen: bool = False) -> dict[str, torch.Tensor]:
-    """A CPU copy of the model's (trainable) parameters: θ0 for the probes, kept off the accelerator."""
-    return {
-        n: p.detach().to("cpu", copy=True)
-        for n, p in model.named_parameters()
-        if include_frozen or p.requires_grad
-    }
 
 
 class CoreProbeCallback(TrainerCallback):

@@ -9,6 +9,7 @@ from .freezing import ParameterFreezer
 from .masks import CoreMask
 from .planning import StagePlan, plan_stages
 from .selection import select_core, update_magnitudes
+from .sharding import engine_memory_per_rank, restore_parameters, snapshot_parameters
 from .storage import load_cores, read_cores_metadata, save_cores
 
 __all__ = [
@@ -20,11 +21,14 @@ __all__ = [
     "ProbeDivergedError",
     "StagePlan",
     "check_fingerprint",
+    "engine_memory_per_rank",
     "load_cores",
     "model_fingerprint",
     "plan_stages",
     "read_cores_metadata",
+    "restore_parameters",
     "save_cores",
     "select_core",
+    "snapshot_parameters",
     "update_magnitudes",
 ]

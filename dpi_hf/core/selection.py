@@ -25,6 +25,7 @@ transformers.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import math
 import numbers
@@ -39,6 +40,7 @@ import torch
 
 from .errors import DPIConfigError, ProbeDivergedError
 from .masks import CoreMask, _make_entry
+from .sharding import dtensor_layout, is_dtensor as _is_dtensor
 
 __all__ = ["UpdateMagnitudes", "filter_parameter_names", "select_core", "update_magnitudes"]
 
@@ -568,6 +570,18 @@ def select_core(
             considers every parameter.
         exclude: name patterns of parameters to leave out (e.g. ``["embed_tokens", "norm"]``); None (default).
 
+    Sharded values (FSDP2): when the first considered value is a DTensor sharded ``Shard(0)`` on a 1-D device mesh,
+    every process of the mesh must call ``select_core`` with the same names in the same order; each reads only its
+    local shards and the exact selection runs with collectives over the mesh's process group (all-reduced 65,536-bin
+    histograms, ties broken in global order: earlier tensor, then smaller global flat index). Every rank returns the
+    same :class:`CoreMask` in global indices and global shapes: the elements one process selects from the gathered
+    tensors. :func:`update_magnitudes` of a ``fully_shard`` model yields such DTensors. A signal held as local
+    shards (e.g. an fp32 Σg² accumulator shaped like ``p.to_local()``) is passed as
+    ``DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())``.
+    A plain tensor among DTensors is taken to be identical on every rank (replicated) and counted once. Other
+    placements (tensor parallel, ``Replicate``), 2-D meshes and mixed meshes raise :class:`DPIConfigError`; an
+    error on one rank (e.g. NaN) is raised on every rank instead of leaving the others waiting.
+
     Returns:
         A :class:`CoreMask` over every considered parameter (with its shape), including those with nothing selected.
 
@@ -585,9 +599,20 @@ def select_core(
     if shapes is not None:
         _check_size([math.prod(s) for s in shapes], fraction, scope)
     chunk = _CHUNK
+    pairs = source.iterate()
+    first = next(pairs, None)
+    if first is not None:
+        if _is_dtensor(first[1]):
+            from .distributed_selection import select_sharded
+
+            return select_sharded(
+                itertools.chain([first], pairs), source.iterate, fraction, scope, chunk,
+                lambda: _nothing_left_error(source.all_names(), inc, exc),
+            )
+        pairs = itertools.chain([first], pairs)
     if scope == "per_tensor":
         entries, sizes = {}, []
-        for name, t in source.iterate():
+        for name, t in pairs:
             hist, info = _histogram(name, t, chunk)
             sizes.append(info.numel)
             k = _core_size(info.numel, fraction)
@@ -601,7 +626,7 @@ def select_core(
         return CoreMask(entries)
 
     infos, hist = [], np.zeros(_BINS, dtype=np.int64)
-    for name, t in source.iterate():
+    for name, t in pairs:
         h, info = _histogram(name, t, chunk)
         hist += h
         infos.append(info)
@@ -685,6 +710,10 @@ class _SafetensorsReference:
     def get(self, name: str) -> torch.Tensor:
         return self._open(self._files[name]).get_tensor(name)
 
+    def get_rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows ``[first, last)`` only (a sharded parameter's part of a full checkpoint tensor)."""
+        return self._open(self._files[name]).get_slice(name)[first:last]
+
 
 class _MappingReference:
     def __init__(self, mapping: Mapping):
@@ -702,6 +731,9 @@ class _MappingReference:
     def get(self, name: str) -> torch.Tensor:
         return self._mapping[name]
 
+    def get_rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        return self._mapping[name][first:last]
+
 
 class UpdateMagnitudes(Mapping):
     """A lazy mapping name → |θ − θ0| (float32, CPU), computed from the current parameters when a value is read.
@@ -710,13 +742,33 @@ class UpdateMagnitudes(Mapping):
     read in a loop (plus that parameter's reference tensor). Pass it straight to :func:`select_core`.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], reference: _MappingReference | _SafetensorsReference):
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        reference: _MappingReference | _SafetensorsReference,
+        rows: dict[str, tuple[int, int]] | None = None,
+    ):
         self._params = params
         self._reference = reference
+        # DTensor parameters whose reference is the full tensor: the rows [first, last) of this rank's shard
+        self._rows = rows or {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         current = self._params[name].detach()
-        ref = self._reference.get(name)
+        if name in self._rows:
+            ref = self._reference.get_rows(name, *self._rows[name])
+        else:
+            ref = self._reference.get(name)
+        if _is_dtensor(current):
+            # the local shard's |θ − θ0|, computed on the shard's device and wrapped as a DTensor of the global
+            # shape, so that select_core selects over all ranks (distributed_selection)
+            from torch.distributed.tensor import DTensor
+
+            local = current.to_local()
+            delta = local.to(dtype=torch.float32, copy=True)
+            delta.sub_(ref.detach().to(local.device))
+            return DTensor.from_local(delta.abs_(), current.device_mesh, current.placements, run_check=False,
+                                      shape=current.shape, stride=current.stride())
         delta = current.to(device="cpu", dtype=torch.float32, copy=True)
         delta.sub_(ref.detach().to("cpu"))  # promotes bf16/fp16 references into the float32 buffer
         return delta.abs_()
@@ -750,9 +802,15 @@ def update_magnitudes(
             all.
         exclude: name patterns of parameters to leave out; None (default).
 
+    Sharded models (FSDP2 ``fully_shard``): for a DTensor parameter the reference may be this rank's local shard
+    (as :func:`~dpi_hf.core.snapshot_parameters` keeps it) or the full tensor (only the local rows are read, from
+    files too); the value is the local |θ − θ0| in float32 on the shard's device, wrapped as a DTensor with the
+    parameter's global shape and placements, which :func:`select_core` selects over all ranks.
+
     Returns:
-        An :class:`UpdateMagnitudes` mapping name → float32 CPU tensor, re-iterable and lazy: memory O(largest
-        tensor) while it is iterated. Values reflect the parameters at the time they are read.
+        An :class:`UpdateMagnitudes` mapping name → float32 CPU tensor (a DTensor for DTensor parameters),
+        re-iterable and lazy: memory O(largest tensor) while it is iterated. Values reflect the parameters at the
+        time they are read.
 
     Raises:
         DPIConfigError: no parameter left, a parameter missing from the reference, a shape mismatch, a non-floating
@@ -785,6 +843,7 @@ def update_magnitudes(
             f"reference is a {type(reference).__name__}; pass a state dict (name → tensor), a .safetensors file "
             "or a checkpoint directory."
         )
+    rows: dict[str, tuple[int, int]] = {}
     for name, p in params.items():
         if not isinstance(p, torch.Tensor) or not p.is_floating_point():
             raise DPIConfigError(
@@ -799,9 +858,23 @@ def update_magnitudes(
                 "exclude the parameter."
             )
         ref_shape = ref.shape(name)
+        if _is_dtensor(p):
+            # a sharded parameter: the reference is this rank's local shard (snapshot_parameters) or the full tensor
+            # (a checkpoint), of which only the rows of the local shard are read
+            layout = dtensor_layout(name, p)
+            local_shape = tuple(p.to_local().shape)
+            if ref_shape == local_shape:
+                continue
+            if ref_shape == tuple(p.shape):
+                rows[name] = (layout.first_row, layout.last_row)
+                continue
+            raise DPIConfigError(
+                f"parameter {name!r} is sharded (global shape {tuple(p.shape)}, local shard {local_shape}) but the "
+                f"reference has {ref_shape}; pass this rank's snapshot_parameters(model) or the full θ0 weights."
+            )
         if ref_shape != tuple(p.shape):
             raise DPIConfigError(
                 f"parameter {name!r} has shape {tuple(p.shape)} but the reference has {ref_shape}; pass the "
                 "reference weights of this very model."
             )
-    return UpdateMagnitudes(params, ref)
+    return UpdateMagnitudes(params, ref, rows)
