@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from .core import CoreMask, ParameterFreezer, save_cores, select_core, update_magnitudes
 from .core.errors import DPIConfigError
 from .core.selection import validate_core_fraction, validate_scope
-from .core.sharding import snapshot_parameters  # noqa: F401  (re-exported: θ0 copies, local shards only)
+from .core.sharding import ZeroFreezer, snapshot_parameters  # snapshot_parameters is re-exported (θ0 copies)
 from .core.signals import (
     GRADIENT_SIGNALS,
     ImportanceAccumulator,
@@ -148,7 +148,9 @@ class FreezeMaskCallback(TrainerCallback):
 
     Attaches a :class:`~dpi_hf.core.ParameterFreezer` when training begins (after the Trainer created its optimizer,
     so the post-step restore hooks the inner torch optimizer even when accelerate wraps it) and detaches it when
-    training ends.
+    training ends. Under DeepSpeed ZeRO-3, whose engine owns the optimizer step, a
+    :class:`~dpi_hf.core.sharding.ZeroFreezer` zeroes the frozen gradient entries of each rank's fp32 partition before
+    the step and writes the frozen master values back after it.
 
     Args:
         frozen: a :class:`CoreMask` over the model's parameter names (e.g. a core, or the union of several).
@@ -158,13 +160,30 @@ class FreezeMaskCallback(TrainerCallback):
         if not isinstance(frozen, CoreMask):
             raise DPIConfigError(f"frozen must be a CoreMask, got {type(frozen).__name__}.")
         self.frozen = frozen
-        self.freezer: ParameterFreezer | None = None
+        self.freezer: ParameterFreezer | ZeroFreezer | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.freezer = ParameterFreezer(model, self.frozen).attach(optimizer)
-        logger.info("FreezeMaskCallback: %s elements frozen", f"{self.freezer.frozen_count:,}")
+        if _zero3_enabled():
+            self.freezer = ZeroFreezer(model, self.frozen)
+        else:
+            self.freezer = ParameterFreezer(model, self.frozen).attach(optimizer)
+            logger.info("FreezeMaskCallback: %s elements frozen", f"{self.freezer.frozen_count:,}")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.freezer, ZeroFreezer):
+            self.freezer.zero_frozen_grads()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if isinstance(self.freezer, ZeroFreezer):
+            self.freezer.restore()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.freezer is not None:
+        if isinstance(self.freezer, ParameterFreezer):
             self.freezer.detach()
-            self.freezer = None
+        self.freezer = None
+
+
+def _zero3_enabled() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())

@@ -57,6 +57,7 @@ from .config import DPIConfig
 from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
 from .core.errors import DPIConfigError, FingerprintMismatchError, ProbeDivergedError
 from .core.planning import StagePlan, plan_from_groups
+from .core.sharding import restore_parameters
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.signals import pool_importance, threshold_ties, tie_warning
 from .phases import PROBE, STAGE, PhaseRecord, batch_rows
@@ -397,10 +398,7 @@ class DPITrainer(SFTTrainer):
             atomic_write_text(path, json.dumps(obj, indent=2))
 
     def _restore(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                if n in state:
-                    p.data.copy_(state[n])
+        restore_parameters(self.model, state)  # bit-exact; local shards of sharded parameters
 
     # ----------------------------------------------------------------------------------------------- run state
     def _prepare_run_dir(self, resume_from_checkpoint, identity: dict) -> tuple[dict, str | None]:

@@ -92,10 +92,21 @@ class ImportanceAccumulator:
         self.steps += 1
 
     def importance(self) -> dict[str, torch.Tensor]:
-        """Name → non-negative float32 importance (the accumulator itself for fisher, |sum| for gradsum)."""
-        if self.signal == "fisher":
-            return dict(self._buffers)
-        return {n: b.abs() for n, b in self._buffers.items()}
+        """Name → non-negative float32 importance (the accumulator itself for fisher, |sum| for gradsum).
+
+        For a sharded (DTensor) parameter the value is the local shard wrapped as a DTensor with the parameter's
+        layout, which :func:`~dpi_hf.core.select_core` selects over with all ranks together.
+        """
+        out = {}
+        for n, b in self._buffers.items():
+            v = b if self.signal == "fisher" else b.abs()
+            p = self._params[n]
+            if hasattr(p, "to_local"):
+                from torch.distributed.tensor import DTensor
+
+                v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            out[n] = v
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +149,9 @@ def threshold_ties(importance: Mapping[str, torch.Tensor], core: CoreMask) -> di
     ``tied_selected`` (of those, how many the core holds) and ``core_size``. Pure-bf16 training, for instance, leaves
     many elements with an update of exactly 0, and a core that has to take some of them is partly arbitrary.
     """
+    if any(hasattr(importance[n], "to_local") for n in core.names()):
+        # sharded importance: every rank would need the others' values; the selection itself is exact regardless
+        return {"threshold": None, "tied": 0, "tied_selected": 0, "core_size": core.count()}
     threshold = None
     for n in core.names():
         idx = core.indices(n)
