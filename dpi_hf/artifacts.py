@@ -48,23 +48,34 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def plot_overlap(plan: StagePlan, path) -> Path:
-    """Draw the Jaccard matrix of ``plan`` as a heatmap PNG."""
+    """Draw the overlap of ``plan`` as a heatmap PNG: the cores' Jaccard, and with a split-half reliability report
+    also the reliability-corrected overlap, with each task's r and the random level in the labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(plan.tasks)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.0 * n + 2))
-    im = ax.imshow(plan.jaccard, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(n), plan.tasks, rotation=45, ha="right")
-    ax.set_yticks(range(n), plan.tasks)
-    for i in range(n):
-        for j in range(n):
-            v = plan.jaccard[i][j]
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=9)
-    ax.set_title(f"Core overlap (Jaccard), τ = {plan.jaccard_threshold}")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    rel = plan.reliability
+    panels = [("Core overlap (Jaccard)", plan.jaccard)]
+    if rel is not None:
+        panels.append(("Reliability-corrected overlap", rel.corrected_jaccard))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.2 * n + 2.5), 1.0 * n + 2.3), squeeze=False)
+    labels = [f"{t}\nr={rel.reliability[t]:.2f}" if rel is not None else t for t in plan.tasks]
+    for ax, (title, matrix) in zip(axes[0], panels):
+        im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(n), plan.tasks, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels)
+        for i in range(n):
+            for j in range(n):
+                v = matrix[i][j]
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < 0.6 else "black",
+                        fontsize=9)
+        grouped = (plan.overlap == "corrected") == (matrix is not plan.jaccard)
+        ax.set_title(title + (f", τ = {plan.jaccard_threshold}" if grouped else ""), fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if rel is not None:
+        fig.suptitle(f"split-half reliability r per task; random level p/(2−p) = {rel.random_level:.4f}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,14 +183,31 @@ def card_section(plan: StagePlan, settings: dict) -> str:
         "",
         f"Trained with [dpi-hf](https://pypi.org/project/dpi-hf/) (staging `{settings.get('staging', 'dpi')}`, "
         f"core fraction p = {settings.get('core_fraction')}, Jaccard threshold τ = {plan.jaccard_threshold}, "
-        f"scope `{settings.get('core_scope', 'global')}`). Each task's core region is the p share of parameter "
-        "elements that moved most in a short probe fine-tune from the base weights; tasks with overlapping cores "
-        "share a stage, and later stages keep earlier stages' cores frozen bit for bit.",
+        f"scope `{settings.get('core_scope', 'global')}`, signal `{settings.get('core_signal', 'update')}`). Each "
+        "task's core region is the p share of parameter elements that matter most to it in a short probe fine-tune "
+        "from the base weights (by the signal: Σg² = `fisher`, |Σg| = `gradsum`, |θ−θ0| = `update`); tasks with "
+        "overlapping cores share a stage, and later stages keep earlier stages' cores frozen bit for bit.",
         "",
         *rows,
         "",
         f"Groups: {plan.groups}. Masks: `dpi/cores.safetensors`; plan: `dpi/plan.json`.",
     ]
+    rel = plan.reliability
+    if rel is not None:
+        lines += [
+            "",
+            f"Core reliability (split-half Jaccard r; two random cores of this size overlap at {rel.random_level:.4f}): "
+            + ", ".join(f"{t} {rel.reliability[t]:.3f}" for t in plan.tasks)
+            + f". Tasks were grouped on the {'reliability-corrected' if plan.overlap == 'corrected' else 'raw'} "
+              "overlap.",
+        ]
+        lines += [f"- **Unreliable core:** {m}" for m in rel.unreliable.values()]
+    if settings.get("masks_from"):
+        lines += ["", f"Cores reused from `{settings['masks_from']}` (not probed in this run)."]
+        for key, what in (("masks_other_weights", "computed on other weights"),
+                          ("masks_mismatch", "computed with other core settings")):
+            if settings.get(key):
+                lines.append(f"- **Accepted with allow_mask_mismatch:** masks {what}: {settings[key]}")
     if len(plan.tasks) > 1 and plan.jaccard:
         lines += ["", f"![core overlap]({DPI_DIR}/{HEATMAP_FILE})"]
     lines.append(CARD_SECTION_END)
@@ -199,7 +227,10 @@ def write_model_card(output_dir, plan: StagePlan, settings: dict) -> Path:
         "tasks": plan.tasks,
         "stages": plan.stages,
         "jaccard_threshold": plan.jaccard_threshold,
+        "overlap": plan.overlap,
         "frozen_counts": plan.frozen_counts,
+        **({"reliability": plan.reliability.reliability, "random_level": plan.reliability.random_level,
+            "unreliable_tasks": sorted(plan.reliability.unreliable)} if plan.reliability is not None else {}),
         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))},
     }
     tags = list(card.data.tags or [])

@@ -148,6 +148,14 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+def _split_half_error(task: str, rows: int) -> DPIConfigError:
+    return DPIConfigError(
+        f"task {task!r} has {rows} training rows; probe_reliability='split_half' probes two disjoint halves of a "
+        "task's rows and needs at least 2 rows per half. Give the task more rows or set probe_reliability='none' "
+        "(and overlap='raw')."
+    )
+
+
 def _kill_point(name: str) -> None:
     # fault injection for the kill/resume tests: SIGKILL this process at a named point of the run
     if os.environ.get("DPI_HF_KILL_AT") == name:
@@ -289,10 +297,19 @@ class DPITrainer(SFTTrainer):
                     f"stage_groups must name every task exactly once; missing {missing}, tasks are {tasks}."
                 )
         if args.max_steps is not None and args.max_steps > 0:
-            k = len(args.stage_groups) if args.staging == "given" else 1
+            # the most stages this run can have: known before any probe, so a too-small budget fails now
+            k = {"given": len(args.stage_groups or []), "multitask": 1,
+                 "random": min(args.num_random_stages, len(tasks))}.get(args.staging, len(tasks))
             if args.max_steps < k:
-                raise DPIConfigError(f"max_steps={args.max_steps} is smaller than the number of stages ({k}).")
+                raise DPIConfigError(
+                    f"max_steps={args.max_steps} is smaller than the number of stages this run can have ({k}"
+                    f"{' if every task gets its own stage' if args.staging == 'dpi' else ''}); every stage needs at "
+                    "least one step: raise max_steps."
+                )
+        split = args.needs_probes and args.masks_from is None and args.probe_reliability == "split_half"
         for name, ds in self.tasks.items():
+            if split and len(ds) < 4:
+                raise _split_half_error(name, len(ds))
             if not any(c in ds.column_names for c in _DATA_COLUMNS):
                 raise DPIConfigError(
                     f"task {name!r} has none of the columns SFT trains on ({_DATA_COLUMNS[:4]}); it has "
@@ -319,11 +336,15 @@ class DPITrainer(SFTTrainer):
                                          f"train-{t}")
                 for t, ds in ((t, self._mixture({t: ds}, col).remove_columns(col)) for t, ds in self.tasks.items())
             }
+        a = self.args
+        split = a.needs_probes and a.masks_from is None and a.probe_reliability == "split_half"
         for t, ds in out.items():
             if len(ds) == 0:
                 raise DPIConfigError(
                     f"task {t!r} has no usable example after tokenization (all truncated away?); raise max_length."
                 )
+            if split and len(ds) < 4:
+                raise _split_half_error(t, len(ds))
         return out
 
     # ----------------------------------------------------------------------------------------------- training
