@@ -300,7 +300,7 @@ def test_inspect_prints_tables_and_writes_plots(capsys, run_dir, tmp_path):
 
 
 def test_core_statistics_add_up():
-    from dpi_hf.inspect import core_statistics, layer_index, module_type
+    from dpi_hf.inspection import core_statistics, layer_index, module_type
 
     assert module_type("model.layers.3.post_attention_layernorm.weight") == "norms"
     assert module_type("model.layers.3.self_attn.k_proj.weight") == "attention"

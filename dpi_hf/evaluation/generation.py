@@ -9,6 +9,7 @@ from transformers import GenerationConfig
 
 from dpi_hf.core.errors import DPIConfigError
 from dpi_hf.evaluation.chat import encode, pad_token_id, render_prompt
+from dpi_hf.evaluation.scoring import padded_batch
 
 
 def generate_completions(
@@ -64,13 +65,8 @@ def generate_completions(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, width - len(ids):] = 1
+                input_ids, attention_mask = padded_batch([encoded[i] for i in batch], pad, side="left")
+                width = input_ids.shape[1]
                 generated = model.generate(
                     input_ids=input_ids.to(model.device),
                     attention_mask=attention_mask.to(model.device),

@@ -9,6 +9,22 @@ import torch
 from dpi_hf.core.errors import DPIConfigError
 
 
+def padded_batch(sequences: list[list[int]], pad_token_id: int, side: str = "right") -> tuple:
+    """``(input_ids, attention_mask)`` of token-id lists padded to one width with TRL's ``pad``.
+
+    Args:
+        sequences: token ids, one list per row (each non-empty).
+        pad_token_id: the id padding positions get (masked by the attention mask).
+        side: ``"right"`` (default; scoring) or ``"left"`` (generation: every row's last token at the same
+            position).
+    """
+    from trl.trainer.utils import pad
+
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    return (pad(rows, padding_value=pad_token_id, padding_side=side),
+            pad([torch.ones_like(r) for r in rows], padding_value=0, padding_side=side))
+
+
 def continuation_logprobs(
     model: Any,
     pairs: list[tuple[list[int], list[int]]],
@@ -53,12 +69,7 @@ def continuation_logprobs(
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 sequences = [pairs[i][0] + pairs[i][1] for i in batch]
-                width = max(len(s) for s in sequences)
-                input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, seq in enumerate(sequences):
-                    input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    attention_mask[row, :len(seq)] = 1
+                input_ids, attention_mask = padded_batch(sequences, pad_token_id, side="right")
                 logits = model(
                     input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)
                 ).logits

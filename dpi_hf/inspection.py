@@ -145,7 +145,7 @@ def format_statistics(stats: CoreStatistics) -> str:
 
 def plot_core_density(stats: CoreStatistics, path) -> Path:
     """Line plot: core density (%) per decoder layer, one line per task, the uniform level p dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(stats.layers) + 3), 4))
     for task in stats.tasks:
         ax.plot(stats.layers, [100 * stats.layer_density(task, k) for k in stats.layers], marker="o", ms=3, label=task)
@@ -159,7 +159,7 @@ def plot_core_density(stats: CoreStatistics, path) -> Path:
 
 def plot_module_types(stats: CoreStatistics, path) -> Path:
     """Grouped bars: core density (%) per module type, one bar per task."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = list(stats.type_elements)
     fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 3, 4))
     width = 0.8 / len(stats.tasks)
@@ -205,7 +205,8 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
