@@ -101,22 +101,11 @@ def core_statistics(cores: Mapping[str, CoreMask]) -> CoreStatistics:
         raise ValueError("no cores to inspect; run a DPI training (probes) first.")
     tasks = list(cores)
     first = cores[tasks[0]]
-    type_elements: dict[str, int] = {}
-    layer_elements: dict[int | None, int] = {}
-    for name in first.names():
-        numel = first.numel(name)
-        type_elements[module_type(name)] = type_elements.get(module_type(name), 0) + numel
-        layer_elements[layer_index(name)] = layer_elements.get(layer_index(name), 0) + numel
+    type_elements, layer_elements = _tally(first.names(), first.numel)
     type_counts: dict[str, dict[str, int]] = {}
     layer_counts: dict[str, dict[int | None, int]] = {}
     for task, core in cores.items():
-        by_type: dict[str, int] = {}
-        by_layer: dict[int | None, int] = {}
-        for name in core.names():
-            count = core.count(name)
-            by_type[module_type(name)] = by_type.get(module_type(name), 0) + count
-            by_layer[layer_index(name)] = by_layer.get(layer_index(name), 0) + count
-        type_counts[task], layer_counts[task] = by_type, by_layer
+        type_counts[task], layer_counts[task] = _tally(core.names(), core.count)
     ordered_types = {k: type_elements[k] for k in MODULE_TYPES if k in type_elements}
     return CoreStatistics(tasks=tasks, total_elements=first.numel(),
                           core_counts={t: c.count() for t, c in cores.items()}, type_elements=ordered_types,
@@ -195,6 +184,17 @@ def write_plots(cores: Mapping[str, CoreMask], plan: StagePlan | None, folder) -
             plan = plan_stages(cores, tasks=list(cores))
         files["overlap heatmap"] = plot_overlap(plan, folder / "overlap.png")
     return files
+
+
+def _tally(names, size) -> tuple[dict[str, int], dict[int | None, int]]:
+    """``size(name)`` summed by module type and by layer over the parameter ``names``."""
+    by_type: dict[str, int] = {}
+    by_layer: dict[int | None, int] = {}
+    for name in names:
+        n = size(name)
+        by_type[module_type(name)] = by_type.get(module_type(name), 0) + n
+        by_layer[layer_index(name)] = by_layer.get(layer_index(name), 0) + n
+    return by_type, by_layer
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:

@@ -433,3 +433,18 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
     assert plan.tasks == list(cores) and sum(len(s) for s in plan.stages) == 3
     n = sum(p.numel() for p in model.parameters())
     assert all(c.numel() == n and c.count() == int(0.01 * n) for c in cores.values())  # exactly ⌊p·N⌋
+
+
+def test_a_diverged_probe_has_its_own_exit_status(capsys, monkeypatch):
+    import dpi_hf.cli.plan as plan_verb
+    from dpi_hf.core.errors import ProbeDivergedError
+
+    def diverge(args, extra):
+        raise ProbeDivergedError("the probe of task 'a' diverged: non-finite update")
+
+    monkeypatch.setattr(plan_verb, "run", diverge)
+    rc, _, err = _run(capsys, "plan", "anything")
+    assert rc == cli.EXIT_DIVERGED != cli.EXIT_BAD_INPUT
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpi-hf: probe diverged: the probe of task 'a' diverged")
+    assert "learning_rate" in lines[0]

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
 from ..compare.settings import METHODS
+from .common import add_seeds_and_resume, print_written, verb_parser
 from .output import setup_output
 
 NAME = "compare"
@@ -24,8 +24,8 @@ def add_compare_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = 
         subparsers: the ``add_subparsers()`` object of the ``dpi-hf`` parser.
         parents: parent parsers whose options the subcommand shares (e.g. one with ``--debug``; default none).
     """
-    p = subparsers.add_parser(
-        "compare", parents=list(parents), allow_abbrev=False,
+    p = verb_parser(
+        subparsers, parents, "compare",
         help="train the paper's four methods on the same budget and evaluate them",
         usage="dpi-hf compare RECIPE.yaml [--seeds S ...] [--methods M ...] [--no-resume] [--FIELD VALUE ...]",
         description="Train multitask, multistage_random, multistage_heuristic and dpi on the recipe's tasks with "
@@ -33,10 +33,8 @@ def add_compare_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = 
                     "write results.json, results.md, scores.png and forgetting.png to the recipe's output_dir. "
                     "Overrides such as --max_steps 20 or --data_dir DIR apply to the recipe (see docs/evaluation.md).")
     p.add_argument("recipe", metavar="RECIPE.yaml", help="a comparison recipe, e.g. recipes/compare-smollm2-cpu.yaml")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the recipe's compare.seeds)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (default: all four)")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="train again runs that already finished (default: reuse them)")
+    add_seeds_and_resume(p, "compare", "runs")
     return p
 
 
@@ -51,17 +49,10 @@ def compare_command(args, overrides: Sequence[str] = ()) -> int:
         methods=args.methods or recipe.methods, heuristic_groups=recipe.heuristic_groups,
         seeds=args.seeds or recipe.seeds, evaluation=recipe.evaluation, include_base=recipe.include_base,
         resume=args.resume, keep_stage_models=recipe.keep_stage_models)
-    print((Path(recipe.output_dir) / "results.md").read_text())
-    print(f"wrote {', '.join(results['files'].values())} to {recipe.output_dir}")
+    print_written(recipe.output_dir, "results.md", results["files"])
     return 0
 
 
-
-def add_parser(subparsers, parents=()):
-    """Add the ``compare`` subcommand (see :func:`add_compare_parser`)."""
-    return add_compare_parser(subparsers, parents)
-
-
-def run(args, extra) -> int:
-    """Run ``compare`` (see :func:`compare_command`)."""
-    return compare_command(args, extra)
+# the verb interface of dpi_hf.cli (see its docstring)
+add_parser = add_compare_parser
+run = compare_command

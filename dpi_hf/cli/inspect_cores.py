@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import load_run_cores
+from .common import load_run_cores, verb_parser
 
 NAME = "inspect"
 TAKES_OVERRIDES = False
@@ -12,8 +12,8 @@ TAKES_OVERRIDES = False
 
 def add_parser(subparsers, parents=()):
     """Add the ``inspect`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    insp = subparsers.add_parser(
-        "inspect", parents=list(parents), allow_abbrev=False,
+    insp = verb_parser(
+        subparsers, parents, "inspect",
         help="core statistics per task by layer and module type, as tables and PNG plots",
         description="Print where each task's core lies — by module type (attention, MLP, embeddings, norms, "
                     "lm_head) and by decoder layer — and draw overlap.png, core_density.png and core_modules.png.",

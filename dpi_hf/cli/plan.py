@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.planning import STAGE_ORDERS
-from .common import load_run_cores
+from .common import load_run_cores, verb_parser
 
 NAME = "plan"
 TAKES_OVERRIDES = False
@@ -13,8 +13,8 @@ TAKES_OVERRIDES = False
 
 def add_parser(subparsers, parents=()):
     """Add the ``plan`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    plan = subparsers.add_parser(
-        "plan", parents=list(parents), allow_abbrev=False,
+    plan = verb_parser(
+        subparsers, parents, "plan",
         help="re-plan the stages from a run's saved cores, without probing again",
         description="Group the tasks of a finished run by core overlap again, with another threshold or order, "
                     "from OUTPUT_DIR/dpi/cores.safetensors; prints the Jaccard matrix and the stages. To train with "

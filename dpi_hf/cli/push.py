@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import DPIConfigError
+from .common import verb_parser
 
 # Training artifacts that are not part of a published model: the per-phase runs (probe cores, progress, the full
 # last-stage weights), Trainer checkpoints and per-stage models.
@@ -17,8 +18,8 @@ TAKES_OVERRIDES = False
 
 def add_parser(subparsers, parents=()):
     """Add the ``push`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    push = subparsers.add_parser(
-        "push", parents=list(parents), allow_abbrev=False,
+    push = verb_parser(
+        subparsers, parents, "push",
         help="upload a run's model, masks, plan and model card to the Hugging Face Hub",
         description="Upload OUTPUT_DIR (model, tokenizer, README.md model card, dpi/cores.safetensors, "
                     "dpi/plan.json, plots, scores) to a Hub model repository, creating it if needed. Left out: "

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Sequence
 
+from .common import add_seeds_and_resume, print_written, verb_parser
 from .output import setup_output
 
 NAME = "sweep"
@@ -21,8 +21,8 @@ def add_sweep_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
         subparsers: the ``add_subparsers()`` object of the ``dpi-hf`` parser.
         parents: parent parsers whose options the subcommand shares (default none).
     """
-    p = subparsers.add_parser(
-        "sweep", parents=list(parents), allow_abbrev=False,
+    p = verb_parser(
+        subparsers, parents, "sweep",
         help="ablation: DPI at several core fractions and scopes; score and forgetting against p",
         usage="dpi-hf sweep RECIPE.yaml [--core-fractions P ...] [--scopes S ...] [--seeds S ...] [--FIELD VALUE ...]",
         description="Run DPI once per core_fraction x core_scope with the recipe's budget (plus the same stages "
@@ -31,9 +31,7 @@ def add_sweep_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()
     p.add_argument("--core-fractions", type=float, nargs="+", metavar="P",
                    help="values of p (default: the recipe's sweep.core_fractions)")
     p.add_argument("--scopes", nargs="+", choices=("global", "per_tensor"), help="core scopes (default: both)")
-    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the recipe's sweep.seeds)")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="train again points that already finished (default: reuse them)")
+    add_seeds_and_resume(p, "sweep", "points")
     return p
 
 
@@ -50,16 +48,10 @@ def sweep_command(args, overrides: Sequence[str] = ()) -> int:
     result = run_sweep(recipe.recipe.tasks, recipe.recipe.model, recipe.output_dir, training=recipe.training,
                        evaluation=recipe.evaluation, resume=args.resume, keep_stage_models=recipe.keep_stage_models,
                        **kw)
-    print((Path(recipe.output_dir) / "sweep.md").read_text())
-    print(f"wrote {', '.join(result['files'].values())} to {recipe.output_dir}")
+    print_written(recipe.output_dir, "sweep.md", result["files"])
     return 0
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``sweep`` subcommand (see :func:`add_sweep_parser`)."""
-    return add_sweep_parser(subparsers, parents)
-
-
-def run(args, extra) -> int:
-    """Run ``sweep`` (see :func:`sweep_command`)."""
-    return sweep_command(args, extra)
+# the verb interface of dpi_hf.cli (see its docstring)
+add_parser = add_sweep_parser
+run = sweep_command

@@ -7,10 +7,11 @@ import os
 import textwrap
 
 from ..core.errors import DPIConfigError
+from .common import verb_parser
 
 _TRAIN_EPILOG = """\
 recipe sections (see docs/recipes.md):
-  vars:     variables for ${name} placeholders, e.g. {data_dir: ../shared/data}
+  vars:     variables for ${name} placeholders, e.g. {data_dir: data}
   model:    name_or_path (Hub id, directory or offline:smollm2-135m-instruct), dtype, revision,
             trust_remote_code, attn_implementation, tokenizer, cache_dir
   tasks:    list of tasks: name, source, path, config, split, columns, max_samples, eval_samples, seed,
@@ -24,7 +25,7 @@ overrides (after the recipe, applied before validation; values are read as YAML)
   --FIELD VALUE            a DPIConfig field, e.g. --learning_rate 5e-5 --max_steps 20 --output_dir runs/x
   --SECTION.KEY VALUE      a key of a section, e.g. --model.name_or_path HuggingFaceTB/SmolLM2-135M-Instruct
   --tasks.N.KEY VALUE      a key of task N (0-based) or of the task named N, e.g. --tasks.0.max_samples 8
-  --VAR VALUE              a recipe variable, e.g. --data_dir ../shared/data
+  --VAR VALUE              a recipe variable, e.g. --data_dir data
   (TrainingArguments' own `debug` field can only be set in the YAML: --debug is this tool's flag.)
 
 what it does: scores the base model on each task's held-out rows, trains with DPITrainer (probes, plan, stages),
@@ -40,8 +41,8 @@ TAKES_OVERRIDES = True
 
 def add_parser(subparsers, parents=()):
     """Add the ``train`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    train = subparsers.add_parser(
-        "train", parents=list(parents), allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    train = verb_parser(
+        subparsers, parents, "train", formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run a recipe: score the base model, train with DPI, score again, report",
         usage="dpi-hf train RECIPE.yaml [--dry-run] [--list-fields] [--debug] [--FIELD VALUE ...]",
         description="Run a recipe end to end (see docs/cli.md).", epilog=_TRAIN_EPILOG,

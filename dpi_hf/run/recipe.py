@@ -4,7 +4,7 @@ A recipe has five reserved sections; every other top-level key is a :class:`~dpi
 ``SFTConfig`` / ``TrainingArguments`` field or DPI field), parsed the Hugging Face way with
 ``HfArgumentParser(DPIConfig).parse_dict(..., allow_extra_keys=False)``::
 
-    vars:      {data_dir: ../shared/data}          # ${name} placeholders used in strings anywhere below
+    vars:      {data_dir: data}                    # ${name} placeholders used in strings anywhere below
     model:     {name_or_path: offline:smollm2-135m-instruct, dtype: float32}
     tasks:                                          # a list of dpi_hf.data.TaskSpec entries
       - {name: gsm8k, source: gsm8k_jsonl, path: "${data_dir}/gsm8k/train.jsonl", max_samples: 500}
