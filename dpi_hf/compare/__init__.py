@@ -1,4 +1,5 @@
-"""The comparison harness: the paper's comparison and its ablation: four methods under one training budget, evaluated on every task.
+"""The comparison harness: the paper's four methods under one training budget, evaluated on every task, and the
+core-fraction ablation.
 
 :func:`run_comparison` trains, for each seed, the paper's four methods through DPITrainer's single code path —
 

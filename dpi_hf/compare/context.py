@@ -84,9 +84,11 @@ def build_context(tasks, model, output_dir, training, evaluation, tokenizer, dty
         dtype = torch_dtype(spec.dtype)
 
         def load_model():
+            """A fresh model and its tokenizer from the model spec."""
             return load_model_and_tokenizer(spec)
 
     def load_stage_model(directory: Path):
+        """The model saved after a stage, loaded with the same dtype as the base model."""
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,

@@ -88,6 +88,7 @@ def plot_forgetting(path: Path, results: dict) -> None:
 
 
 def plot_sweep(path: Path, result: dict) -> None:
+    """``sweep.png``: macro score (or mean NLL) and forgetting against p, one line per scope."""
     plt = pyplot()
     summary = [s for s in result["summary"] if not s["reference"]]
     reference = next((s for s in result["summary"] if s["reference"]), None)

@@ -38,6 +38,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def _json_default(value):
+    """JSON for values ``json`` does not know: numpy / torch scalars as numbers, anything else as a string."""
     if hasattr(value, "item"):  # numpy / torch scalars
         return value.item()
     return str(value)

@@ -74,6 +74,7 @@ def _settings_key(ctx: RunContext, name: str, fields: Mapping[str, Any] | None, 
 
 
 def _reuse(ctx: RunContext, path: Path, key: str) -> dict | None:
+    """The saved record at ``path`` when resuming and its settings key is ``key``; else None."""
     if ctx.resume and path.is_file():
         record = json.loads(path.read_text())
         if record.get("settings_key") == key:
@@ -84,6 +85,7 @@ def _reuse(ctx: RunContext, path: Path, key: str) -> dict | None:
 
 
 def evaluate_base(ctx: RunContext) -> dict:
+    """Evaluate the untrained model (or reuse its record): the reference row of the tables."""
     path = ctx.output_dir / "runs" / "base" / RECORD
     key = _settings_key(ctx, "base", None, None)
     record = _reuse(ctx, path, key)

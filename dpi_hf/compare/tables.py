@@ -8,6 +8,7 @@ from .settings import METRIC_LABELS
 
 
 def _fmt(stat: dict, digits: int) -> str:
+    """``mean ± std`` with ``digits`` decimals ("—" without a value)."""
     if stat["mean"] is None:
         return "—"
     text = f"{stat['mean']:.{digits}f}"
@@ -15,11 +16,13 @@ def _fmt(stat: dict, digits: int) -> str:
 
 
 def _digits(metric: str | None) -> int:
+    """Decimals shown for a metric: 1 for percentages, 2 for judge ratings, 3 otherwise."""
     return 1 if metric in ("gsm8k_accuracy", "logiqa_accuracy", "humaneval_pass@1") else \
         2 if metric == "judge_score" else 3
 
 
 def comparison_markdown(results: dict) -> str:
+    """``results.md``: the scores table, held-out NLL, budget and cost, forgetting tables and DPI diagnostics."""
     tasks, summary, metrics = results["tasks"], results["summary"], results["task_metrics"]
     seeds = results["seeds"]
     lines = [f"# Comparison: {', '.join(results['methods'])}", ""]
@@ -97,10 +100,12 @@ def comparison_markdown(results: dict) -> str:
 
 
 def _row(cells: list[str]) -> str:
+    """One Markdown table row."""
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def sweep_markdown(result: dict) -> str:
+    """``sweep.md``: one row per sweep point (p, scope, stages, frozen fractions, macro, NLL, forgetting)."""
     lines = [f"# Core-fraction sweep (staging = {result['staging']})", "",
              f"Model `{result['settings']['model']}`. Forgetting: mean over tasks trained before the last stage of "
              "(NLL after the last stage − NLL after the task's own stage), nats/token. `unfrozen`: the same stages "

@@ -130,6 +130,7 @@ def where(source: str | None) -> str:
 
 
 def _referenced_variables(node) -> set[str]:
+    """The names of every ``${var}`` used in the strings of ``node``."""
     if isinstance(node, str):
         return {m.strip() for m in _VAR.findall(node)}
     if isinstance(node, Mapping):
@@ -140,6 +141,7 @@ def _referenced_variables(node) -> set[str]:
 
 
 def _substitute(node, variables: Mapping[str, Any], source: str | None):
+    """``node`` with every ``${var}`` replaced by its value."""
     if isinstance(node, str):
         whole = _VAR.fullmatch(node.strip())
         if whole:  # "${n}" alone keeps the variable's type (a number stays a number)
@@ -153,6 +155,7 @@ def _substitute(node, variables: Mapping[str, Any], source: str | None):
 
 
 def _variable(name: str, variables: Mapping[str, Any], source: str | None):
+    """The value of variable ``name``, or an error naming how to give it."""
     if name not in variables:
         raise DPIConfigError(f"{where(source)}the recipe uses ${{{name}}} but no value is given"
                              f"{did_you_mean(name, variables)}; pass --{name} VALUE or declare it under `vars:`.")
@@ -197,6 +200,7 @@ def _apply_override(data: dict, key: str, value, source: str | None) -> None:
 
 
 def _task_index(tasks: list, part: str, key: str) -> int:
+    """The index of the task named by ``part`` (a position or a task name) in an override key."""
     if part.isdigit():
         index = int(part)
         if index >= len(tasks):

@@ -137,6 +137,7 @@ class Recipe:
 
     @property
     def task_names(self) -> list[str]:
+        """The task names, in recipe order."""
         return [t.name for t in self.tasks]
 
     def to_yaml(self) -> str:
@@ -219,6 +220,7 @@ def _plain(value):
 
 
 def _section(cls, data, name: str, source: str | None):
+    """Build a section dataclass ``cls`` from ``data``, naming the recipe in any error."""
     valid = [f.name for f in dataclasses.fields(cls)]
     try:
         check_unknown_keys(data, valid, name)
@@ -230,6 +232,7 @@ def _section(cls, data, name: str, source: str | None):
 
 
 def _task(task_spec_cls, entry, index: int, source: str | None):
+    """Build task ``index`` of the recipe, naming it in any error."""
     try:
         return task_spec_cls.from_dict(entry)
     except DPIConfigError as err:
@@ -259,6 +262,7 @@ def _convert(key: str, value, action, source: str | None):
 
 
 def _call_type(key: str, action, value: str, source: str | None):
+    """``value`` converted with the field's argparse type, or an error naming the field and its choices."""
     try:
         return action.type(value)
     except (TypeError, ValueError) as err:

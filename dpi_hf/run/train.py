@@ -245,6 +245,7 @@ def format_report(report: RunReport) -> str:
 
 
 def _macro(macro_score, results: dict):
+    """The macro score of a before/after result set, or None when only NLL was measured."""
     if not results:
         return None
     try:
@@ -254,14 +255,17 @@ def _macro(macro_score, results: dict):
 
 
 def _fmt(value) -> str:
+    """A value for the report: 3 decimals for floats, "-" for None."""
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _duration(seconds: float) -> str:
+    """``seconds`` as "M min S s"."""
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def _print(text: str) -> None:
+    """Print ``text`` to stdout, flushed (the default ``log`` of :func:`run_recipe`)."""
     print(text, file=sys.stdout, flush=True)
