@@ -27,8 +27,8 @@ from typing import Any, Callable
 
 from ..core.errors import DPIConfigError
 from ..core.io import atomic_write_text
-from .model import load_model_and_tokenizer
 from .environment import apply_runtime
+from .model import load_model_and_tokenizer
 from .recipe import Recipe
 
 SCORES_FILE = "scores.json"
