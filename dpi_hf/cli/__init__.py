@@ -17,6 +17,7 @@ import sys
 
 from ..core.errors import DPIConfigError, ProbeDivergedError
 from .output import one_line, setup_output
+from .push import PUSH_IGNORE  # noqa: F401  (kept importable as dpi_hf.cli.PUSH_IGNORE)
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
