@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from .core import StagePlan, load_cores, model_fingerprint, read_cores_metadata, save_cores
 from .core.errors import DPIConfigError, MaskFileError
+from .core.io import atomic_write_text  # the one atomic writer, also importable from here
 
 DPI_DIR = "dpi"
 CORES_FILE = "cores.safetensors"
@@ -37,14 +37,6 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             continue
     return out
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def plot_overlap(plan: StagePlan, path) -> Path:

@@ -21,7 +21,6 @@ Sampling: records are permuted with ``seed``; the first ``eval_samples`` form th
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import re
@@ -33,6 +32,12 @@ import datasets
 import numpy as np
 
 from .core.errors import DPIConfigError
+from .evaluation.answers import extract_final_answer
+from .evaluation.reasoning_gym_eval import score_reasoning_gym
+from .utils import check_unknown_keys, did_you_mean, is_int, repeated
+
+__all__ = ["TaskSpec", "load_task", "load_tasks", "extract_final_answer", "score_reasoning_gym", "SOURCES",
+           "FILE_SOURCES", "COLUMN_ROLES", "ANSWER_INSTRUCTION"]
 
 FILE_SOURCES = ("gsm8k_jsonl", "logiqa_txt", "alpaca_json", "prompt_completion", "messages")
 SOURCES = ("hub",) + FILE_SOURCES + ("reasoning_gym",)
@@ -42,8 +47,6 @@ _COLUMN_SOURCES = ("hub", "prompt_completion", "messages")
 # Appended to reasoning-gym questions (and LogiQA) so that a model's answer can be found by extract_final_answer.
 ANSWER_INSTRUCTION = 'End your response with the final answer on its own line, in the form "Answer: <answer>".'
 
-_ANSWER_LINE = re.compile(r"^[ \t>*_#]*(?:final[ \t]+)?answer[ \t*_]*:(?P<rest>.*)$", re.IGNORECASE | re.MULTILINE)
-_HASH_LINE = re.compile(r"####(?P<rest>.*)$", re.MULTILINE)
 _LOGIQA_LETTERS = "ABCD"
 _BLOCK_LINES = 8  # LogiQA: blank, letter, context, question, 4 options
 
@@ -91,7 +94,7 @@ class TaskSpec:
             raise DPIConfigError(f"task name must be a non-empty string, got {self.name!r}.")
         where = f"task {self.name!r}"
         if self.source not in SOURCES:
-            raise DPIConfigError(f"{where}: unknown source {self.source!r}{_did_you_mean(self.source, SOURCES)}; "
+            raise DPIConfigError(f"{where}: unknown source {self.source!r}{did_you_mean(self.source, SOURCES)}; "
                                  f"valid sources: {list(SOURCES)}.")
         if not self.path:
             raise DPIConfigError(f"{where}: `path` is required for source {self.source!r} (the file, the Hub "
@@ -99,11 +102,11 @@ class TaskSpec:
         self.path = str(self.path)
         if not isinstance(self.split, str) or not self.split:
             raise DPIConfigError(f"{where}: split must be a split name such as 'train', got {self.split!r}.")
-        if self.max_samples is not None and (not _is_int(self.max_samples) or self.max_samples <= 0):
+        if self.max_samples is not None and (not is_int(self.max_samples) or self.max_samples <= 0):
             raise DPIConfigError(f"{where}: max_samples must be a positive integer or null, got {self.max_samples!r}.")
-        if not _is_int(self.eval_samples) or self.eval_samples < 0:
+        if not is_int(self.eval_samples) or self.eval_samples < 0:
             raise DPIConfigError(f"{where}: eval_samples must be an integer >= 0, got {self.eval_samples!r}.")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise DPIConfigError(f"{where}: seed must be an integer, got {self.seed!r}.")
         if self.source == "reasoning_gym" and self.max_samples is None:
             raise DPIConfigError(f"{where}: reasoning_gym tasks are generated, set max_samples (how many).")
@@ -116,7 +119,7 @@ class TaskSpec:
         self.columns = dict(self.columns or {})
         for role, column in self.columns.items():
             if role not in COLUMN_ROLES:
-                raise DPIConfigError(f"{where}: unknown column role {role!r}{_did_you_mean(role, COLUMN_ROLES)}; "
+                raise DPIConfigError(f"{where}: unknown column role {role!r}{did_you_mean(role, COLUMN_ROLES)}; "
                                      f"valid roles: {list(COLUMN_ROLES)}.")
             if not (isinstance(column, str) or (role == "prompt" and _is_str_list(column))):
                 raise DPIConfigError(f"{where}: columns[{role!r}] must be a column name"
@@ -131,11 +134,7 @@ class TaskSpec:
         """
         if not isinstance(data, Mapping):
             raise DPIConfigError(f"a task must be a mapping of TaskSpec fields, got {type(data).__name__}.")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in valid:
-                raise DPIConfigError(f"task {data.get('name', '?')!r}: unknown key {key!r}"
-                                     f"{_did_you_mean(str(key), valid)}; valid keys: {valid}.")
+        check_unknown_keys(data, [f.name for f in dataclasses.fields(cls)], f"task {data.get('name', '?')!r}")
         if "name" not in data:
             raise DPIConfigError(f"a task needs a `name`; got keys {sorted(data)}.")
         return cls(**data)
@@ -170,58 +169,10 @@ def load_tasks(specs) -> dict[str, datasets.DatasetDict]:
     """
     specs = [s if isinstance(s, TaskSpec) else TaskSpec.from_dict(s) for s in specs]
     names = [s.name for s in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = repeated(names)
     if duplicates:
         raise DPIConfigError(f"task names must be unique; repeated: {duplicates}.")
     return {s.name: load_task(s) for s in specs}
-
-
-def extract_final_answer(text: str | None) -> str | None:
-    """The final answer in ``text``: after the last ``Answer:`` line or the last ``####``, whichever comes later.
-
-    ``Answer:`` may be written ``Final answer:``, in any case, with markdown emphasis (``**Answer:** 5``). When
-    nothing follows an ``Answer:`` on its line, the answer is the rest of the text (multi-line answers).
-
-    Args:
-        text: a completion or a model's response.
-
-    Returns:
-        The answer, stripped of whitespace and emphasis, or None when there is no marker or nothing after it.
-    """
-    if not text:
-        return None
-    last = max(
-        (m for m in (_last_match(_ANSWER_LINE, text), _last_match(_HASH_LINE, text)) if m is not None),
-        key=lambda m: m.start(),
-        default=None,
-    )
-    if last is None:
-        return None
-    answer = last.group("rest").strip().strip("*_").strip()
-    if not answer and last.re is _ANSWER_LINE:
-        answer = text[last.end():].strip()
-    return answer or None
-
-
-def score_reasoning_gym(answer: str | None, meta: str | Mapping[str, Any]) -> float:
-    """Score ``answer`` with the verifier of the reasoning-gym dataset a row came from.
-
-    Args:
-        answer: the extracted answer (e.g. ``extract_final_answer(response)``); None scores 0.
-        meta: the row's ``meta`` (JSON string or dict) as written by :func:`load_task`. The entry is taken from it
-            when it was stored, else regenerated deterministically from the stored name, size, seed and index.
-
-    Returns:
-        The verifier's score in [0, 1].
-    """
-    meta = json.loads(meta) if isinstance(meta, str) else meta
-    if meta.get("source") != "reasoning_gym":
-        raise DPIConfigError(f"score_reasoning_gym needs the meta of a reasoning_gym row, got source "
-                             f"{meta.get('source')!r}.")
-    kwargs = json.dumps(meta["rg_kwargs"], sort_keys=True)  # a hashable cache key
-    dataset = _rg_dataset(meta["rg_name"], meta["rg_size"], meta["rg_seed"], kwargs)
-    entry = meta["entry"] if "entry" in meta else dataset[meta["index"]]
-    return float(dataset.score_answer(answer=answer, entry=entry))
 
 
 # --- sources: each returns (records, convert) where convert(record, index) builds one row -----------------------
@@ -262,7 +213,7 @@ def _reasoning_gym_source(spec: TaskSpec):
     except Exception as err:
         names = sorted(reasoning_gym.factory.DATASETS)
         raise DPIConfigError(f"task {spec.name!r}: reasoning_gym could not create {spec.path!r} "
-                             f"({err}){_did_you_mean(spec.path, names)}.") from err
+                             f"({err}){did_you_mean(spec.path, names)}.") from err
     recipe = {"source": "reasoning_gym", "rg_name": spec.path, "rg_size": size, "rg_seed": spec.seed,
               "rg_kwargs": spec.kwargs}
     return dataset, functools.partial(_reasoning_gym_row, spec, recipe)
@@ -448,7 +399,7 @@ def _multiple_choice_row(spec: TaskSpec, record: dict, columns: dict, index: int
         raise _record_error(spec, index, f"has options {options!r}; expected a list of 2-4 strings")
     letters = _LOGIQA_LETTERS[: len(options)]
     answer = record[columns["answer"]]
-    if _is_int(answer) and 0 <= int(answer) < len(options):
+    if is_int(answer) and 0 <= int(answer) < len(options):
         letter = letters[int(answer)]
     elif isinstance(answer, str) and answer.strip().upper() in letters:
         letter = answer.strip().upper()
@@ -519,27 +470,6 @@ def _json_roundtrips(value) -> bool:
         return json.loads(json.dumps(value)) == value
     except (TypeError, ValueError):
         return False
-
-
-@functools.lru_cache(maxsize=32)
-def _rg_dataset(name: str, size: int, seed: int, kwargs_json: str):
-    import reasoning_gym
-
-    return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(kwargs_json))
-
-
-def _last_match(pattern: re.Pattern, text: str):
-    matches = list(pattern.finditer(text))
-    return matches[-1] if matches else None
-
-
-def _did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _is_str_list(value) -> bool:

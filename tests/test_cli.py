@@ -300,7 +300,7 @@ def test_inspect_prints_tables_and_writes_plots(capsys, run_dir, tmp_path):
 
 
 def test_core_statistics_add_up():
-    from dpi_hf.inspect import core_statistics, layer_index, module_type
+    from dpi_hf.inspection import core_statistics, layer_index, module_type
 
     assert module_type("model.layers.3.post_attention_layernorm.weight") == "norms"
     assert module_type("model.layers.3.self_attn.k_proj.weight") == "attention"
@@ -433,3 +433,18 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
     assert plan.tasks == list(cores) and sum(len(s) for s in plan.stages) == 3
     n = sum(p.numel() for p in model.parameters())
     assert all(c.numel() == n and c.count() == int(0.01 * n) for c in cores.values())  # exactly ⌊p·N⌋
+
+
+def test_a_diverged_probe_has_its_own_exit_status(capsys, monkeypatch):
+    import dpi_hf.cli.plan as plan_verb
+    from dpi_hf.core.errors import ProbeDivergedError
+
+    def diverge(args, extra):
+        raise ProbeDivergedError("the probe of task 'a' diverged: non-finite update")
+
+    monkeypatch.setattr(plan_verb, "run", diverge)
+    rc, _, err = _run(capsys, "plan", "anything")
+    assert rc == cli.EXIT_DIVERGED != cli.EXIT_BAD_INPUT
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dpi-hf: probe diverged: the probe of task 'a' diverged")
+    assert "learning_rate" in lines[0]

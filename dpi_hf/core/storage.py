@@ -15,18 +15,16 @@ Writes are atomic (temporary file + rename), so a failed save never leaves a par
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import DPIConfigError, MaskFileError
 from .fingerprint import check_fingerprint, model_fingerprint
+from .io import atomic_save_file
 from .masks import CoreMask, _Entry, _make_entry
 
 FORMAT = "dpi-hf/cores"
@@ -97,17 +95,8 @@ def save_cores(cores: Mapping[str, CoreMask], path, *, model=None, **metadata) -
         info_text = json.dumps(info)
     except TypeError as e:
         raise DPIConfigError(f"metadata for save_cores must be JSON-serialisable: {e}.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "dpi": info_text})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save_file(tensors, path,
+                            metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION), "dpi": info_text})
 
 
 def read_cores_metadata(path) -> dict:

@@ -1,23 +1,47 @@
 """Task evaluation for dpi-hf comparisons: generation, task metrics, held-out loss and the macro-average.
 
 Entry point: :func:`evaluate_task` (``metric`` one of :data:`METRICS`) and :func:`macro_score`. The building
-blocks (answer extraction, scorers, the judge client, the HumanEval sandbox) are exported for direct use.
+blocks (answer extraction, scorers, the judge client, the HumanEval sandbox) are exported for direct use, each
+imported on first access. :class:`~dpi_hf.evaluation.settings.EvalSpec` is how a run evaluates (a recipe's
+``eval:`` section).
 """
 
-from dpi_hf.evaluation.code import codebleu_score, extract_code
-from dpi_hf.evaluation.generation import generate_completions
-from dpi_hf.evaluation.gsm8k import extract_number, gsm8k_accuracy
-from dpi_hf.evaluation.humaneval import completion_for_problem, humaneval_pass_at_1
-from dpi_hf.evaluation.judge import JudgeClient, JudgeError, judge_scores, parse_judge_score
-from dpi_hf.evaluation.logiqa import extract_choice, logiqa_accuracy
-from dpi_hf.evaluation.metrics import EVALUATE_MODULES, load_metric, metric_path
-from dpi_hf.evaluation.nll import heldout_nll
-from dpi_hf.evaluation.reasoning_gym_eval import extract_final_answer, reasoning_gym_score
-from dpi_hf.evaluation.registry import METRICS, evaluate_task, macro_score, normalised_score
-from dpi_hf.evaluation.rouge import rouge_l_proxy
+import importlib
+
+# public name → the submodule that defines it; imported on first use, so that the light modules (answers,
+# settings) can be imported without torch and transformers
+_LAZY = {
+    "codebleu_score": "code", "extract_code": "code",
+    "generate_completions": "generation",
+    "extract_number": "gsm8k", "gsm8k_accuracy": "gsm8k",
+    "completion_for_problem": "humaneval", "humaneval_pass_at_1": "humaneval",
+    "JudgeClient": "judge", "JudgeError": "judge", "judge_scores": "judge", "parse_judge_score": "judge",
+    "extract_choice": "logiqa", "logiqa_accuracy": "logiqa",
+    "EVALUATE_MODULES": "metrics", "load_metric": "metrics", "metric_path": "metrics",
+    "heldout_nll": "nll",
+    "extract_final_answer": "reasoning_gym_eval", "reasoning_gym_score": "reasoning_gym_eval",
+    "METRICS": "registry", "evaluate_task": "registry", "macro_score": "registry", "normalised_score": "registry",
+    "rouge_l_proxy": "rouge",
+    "EvalSpec": "settings", "DEFAULT_METRICS": "settings",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
+    "DEFAULT_METRICS",
     "EVALUATE_MODULES",
+    "EvalSpec",
     "METRICS",
     "JudgeClient",
     "JudgeError",

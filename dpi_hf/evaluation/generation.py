@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from transformers import GenerationConfig
 
 from dpi_hf.core.errors import DPIConfigError
 from dpi_hf.evaluation.chat import encode, pad_token_id, render_prompt
+from dpi_hf.evaluation.scoring import inference_batches, padded_batch
 
 
 def generate_completions(
@@ -56,31 +56,18 @@ def generate_completions(
         pad_token_id=pad,
         eos_token_id=_eos_ids(model, tokenizer) or None,
     )
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, width - len(ids):] = 1
-                generated = model.generate(
-                    input_ids=input_ids.to(model.device),
-                    attention_mask=attention_mask.to(model.device),
-                    generation_config=config,
-                )
-                for row, i in enumerate(batch):
-                    new_tokens = generated[row, width:]
-                    outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
+    for batch in inference_batches(model, [len(e) for e in encoded], batch_size):
+        input_ids, attention_mask = padded_batch([encoded[i] for i in batch], pad, side="left")
+        width = input_ids.shape[1]
+        generated = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            generation_config=config,
+        )
+        for row, i in enumerate(batch):
+            new_tokens = generated[row, width:]
+            outputs[i] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
     return outputs
 
 

@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import json
-import re
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from dpi_hf.core.errors import DPIConfigError
+from dpi_hf.evaluation.answers import extract_final_answer as _extract
+from dpi_hf.evaluation.answers import reasoning_gym_dataset
 from dpi_hf.evaluation.rows import column, parse_meta
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
-_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 
 
 def extract_final_answer(text: str) -> str:
-    """The final answer in a completion: the content of the last ``<answer>...</answer>`` tag (reasoning-gym's
-    own format), else all the text after the last ``Answer:`` (case-insensitive; the answer may start on the next
-    line or span several lines, as grid answers do), else the whole completion; stripped.
+    """The answer the verifier scores: :func:`dpi_hf.evaluation.answers.extract_final_answer` (the last
+    ``<answer>`` tag, else the text after the last ``Answer:`` or ``####``), else the whole completion, stripped.
 
     Args:
         text: a model completion.
     """
-    tags = _ANSWER_TAG.findall(text)
-    if tags:
-        return tags[-1].strip()
-    markers = list(_ANSWER_MARKER.finditer(text))
-    if markers:
-        return text[markers[-1].end():].strip()
-    return text.strip()
+    return _extract(text) or (text or "").strip()
+
+
+def score_reasoning_gym(answer: str | None, meta: str | Mapping[str, Any]) -> float:
+    """Score ``answer`` with the verifier of the reasoning-gym dataset a row came from.
+
+    Args:
+        answer: the extracted answer (e.g. ``extract_final_answer(response)``); None scores 0.
+        meta: the row's ``meta`` (JSON string or dict) as written by :func:`dpi_hf.data.load_task`. The entry is
+            taken from it when it was stored, else regenerated deterministically from the stored name, size, seed
+            and index.
+
+    Returns:
+        The verifier's score in [0, 1].
+    """
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    if meta.get("source") != "reasoning_gym":
+        raise DPIConfigError(f"score_reasoning_gym needs the meta of a reasoning_gym row, got source "
+                             f"{meta.get('source')!r}.")
+    _, entry, score_answer = _resolve(meta, 0)
+    return float(score_answer(answer=answer, entry=entry))
 
 
 def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
@@ -79,7 +90,7 @@ def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:
             # the generator's options (e.g. chain_sum's digit counts) are part of the recipe: without them the
             # regenerated entry is another problem
             kwargs = json.dumps(meta.get("rg_kwargs") or {}, sort_keys=True)
-            dataset = _regenerated(str(meta["rg_name"]), int(meta["rg_size"]), int(meta["rg_seed"]), kwargs)
+            dataset = reasoning_gym_dataset(str(meta["rg_name"]), int(meta["rg_size"]), int(meta["rg_seed"]), kwargs)
             entry = meta["entry"] if "entry" in meta else dataset[int(meta["index"])]
             return str(meta["rg_name"]), entry, dataset.score_answer
         except KeyError as exc:
@@ -92,14 +103,6 @@ def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:
             "nor a recipe {rg_name, rg_seed, rg_size, index}"
         )
     return str(source), meta, _score_function(str(source))
-
-
-@lru_cache(maxsize=32)
-def _regenerated(name: str, size: int, seed: int, kwargs_json: str = "{}") -> Any:
-    # regenerating is deterministic but not free: every row of a recipe shares one dataset object
-    import reasoning_gym  # optional dependency (the "quickstart"/"eval" extras)
-
-    return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(kwargs_json))
 
 
 @lru_cache(maxsize=64)

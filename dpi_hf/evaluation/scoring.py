@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from dpi_hf.core.errors import DPIConfigError
+
+
+def padded_batch(sequences: list[list[int]], pad_token_id: int, side: str = "right") -> tuple:
+    """``(input_ids, attention_mask)`` of token-id lists padded to one width with TRL's ``pad``.
+
+    Args:
+        sequences: token ids, one list per row (each non-empty).
+        pad_token_id: the id padding positions get (masked by the attention mask).
+        side: ``"right"`` (default; scoring) or ``"left"`` (generation: every row's last token at the same
+            position).
+    """
+    from trl.trainer.utils import pad
+
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    return (pad(rows, padding_value=pad_token_id, padding_side=side),
+            pad([torch.ones_like(r) for r in rows], padding_value=0, padding_side=side))
+
+
+def inference_batches(model: Any, lengths: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Row indices in batches of ``batch_size``, longest rows first (rows of similar length share a batch: less
+    padding), with ``model`` in eval mode under ``torch.inference_mode()`` while the caller handles each batch; the
+    model's train/eval mode is restored afterwards.
+
+    Args:
+        model: the model the caller runs on each batch.
+        lengths: each row's length in tokens.
+        batch_size: rows per batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                yield order[start:start + batch_size]
+    finally:
+        model.train(was_training)
 
 
 def continuation_logprobs(
@@ -44,32 +81,17 @@ def continuation_logprobs(
                 f"pair {i}: the context and the continuation each need at least one token "
                 f"(got {len(context)} and {len(continuation)})"
             )
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                sequences = [pairs[i][0] + pairs[i][1] for i in batch]
-                width = max(len(s) for s in sequences)
-                input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, seq in enumerate(sequences):
-                    input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    attention_mask[row, :len(seq)] = 1
-                logits = model(
-                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)
-                ).logits
-                for row, i in enumerate(batch):
-                    context, continuation = pairs[i]
-                    # logits at position t predict token t + 1
-                    first, last = len(context) - 1, len(context) + len(continuation) - 1
-                    logprobs = torch.log_softmax(logits[row, first:last].float(), dim=-1)
-                    targets = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
-                    total = logprobs.gather(-1, targets[:, None]).sum().item()
-                    results[i] = (total, len(continuation))
-    finally:
-        model.train(was_training)
+    for batch in inference_batches(model, [len(c) + len(t) for c, t in pairs], batch_size):
+        sequences = [pairs[i][0] + pairs[i][1] for i in batch]
+        input_ids, attention_mask = padded_batch(sequences, pad_token_id, side="right")
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        for row, i in enumerate(batch):
+            context, continuation = pairs[i]
+            # logits at position t predict token t + 1
+            first, last = len(context) - 1, len(context) + len(continuation) - 1
+            logprobs = torch.log_softmax(logits[row, first:last].float(), dim=-1)
+            targets = torch.tensor(continuation, dtype=torch.long, device=logprobs.device)
+            total = logprobs.gather(-1, targets[:, None]).sum().item()
+            results[i] = (total, len(continuation))
     return results

@@ -101,22 +101,11 @@ def core_statistics(cores: Mapping[str, CoreMask]) -> CoreStatistics:
         raise ValueError("no cores to inspect; run a DPI training (probes) first.")
     tasks = list(cores)
     first = cores[tasks[0]]
-    type_elements: dict[str, int] = {}
-    layer_elements: dict[int | None, int] = {}
-    for name in first.names():
-        numel = first.numel(name)
-        type_elements[module_type(name)] = type_elements.get(module_type(name), 0) + numel
-        layer_elements[layer_index(name)] = layer_elements.get(layer_index(name), 0) + numel
+    type_elements, layer_elements = _tally(first.names(), first.numel)
     type_counts: dict[str, dict[str, int]] = {}
     layer_counts: dict[str, dict[int | None, int]] = {}
     for task, core in cores.items():
-        by_type: dict[str, int] = {}
-        by_layer: dict[int | None, int] = {}
-        for name in core.names():
-            count = core.count(name)
-            by_type[module_type(name)] = by_type.get(module_type(name), 0) + count
-            by_layer[layer_index(name)] = by_layer.get(layer_index(name), 0) + count
-        type_counts[task], layer_counts[task] = by_type, by_layer
+        type_counts[task], layer_counts[task] = _tally(core.names(), core.count)
     ordered_types = {k: type_elements[k] for k in MODULE_TYPES if k in type_elements}
     return CoreStatistics(tasks=tasks, total_elements=first.numel(),
                           core_counts={t: c.count() for t, c in cores.items()}, type_elements=ordered_types,
@@ -145,7 +134,7 @@ def format_statistics(stats: CoreStatistics) -> str:
 
 def plot_core_density(stats: CoreStatistics, path) -> Path:
     """Line plot: core density (%) per decoder layer, one line per task, the uniform level p dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(stats.layers) + 3), 4))
     for task in stats.tasks:
         ax.plot(stats.layers, [100 * stats.layer_density(task, k) for k in stats.layers], marker="o", ms=3, label=task)
@@ -159,7 +148,7 @@ def plot_core_density(stats: CoreStatistics, path) -> Path:
 
 def plot_module_types(stats: CoreStatistics, path) -> Path:
     """Grouped bars: core density (%) per module type, one bar per task."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = list(stats.type_elements)
     fig, ax = plt.subplots(figsize=(1.3 * len(kinds) + 3, 4))
     width = 0.8 / len(stats.tasks)
@@ -197,6 +186,17 @@ def write_plots(cores: Mapping[str, CoreMask], plan: StagePlan | None, folder) -
     return files
 
 
+def _tally(names, size) -> tuple[dict[str, int], dict[int | None, int]]:
+    """``size(name)`` summed by module type and by layer over the parameter ``names``."""
+    by_type: dict[str, int] = {}
+    by_layer: dict[int | None, int] = {}
+    for name in names:
+        n = size(name)
+        by_type[module_type(name)] = by_type.get(module_type(name), 0) + n
+        by_layer[layer_index(name)] = by_layer.get(layer_index(name), 0) + n
+    return by_type, by_layer
+
+
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -205,7 +205,8 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")

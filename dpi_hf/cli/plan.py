@@ -1,0 +1,58 @@
+"""``dpi-hf plan OUTPUT_DIR``: re-plan the stages of a finished run from its saved cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.planning import STAGE_ORDERS
+from .common import load_run_cores, verb_parser
+
+NAME = "plan"
+TAKES_OVERRIDES = False
+
+
+def add_parser(subparsers, parents=()):
+    """Add the ``plan`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
+    plan = verb_parser(
+        subparsers, parents, "plan",
+        help="re-plan the stages from a run's saved cores, without probing again",
+        description="Group the tasks of a finished run by core overlap again, with another threshold or order, "
+                    "from OUTPUT_DIR/dpi/cores.safetensors; prints the Jaccard matrix and the stages. To train with "
+                    "the new plan: dpi-hf train RECIPE --masks_from OUTPUT_DIR --jaccard_threshold TAU.",
+    )
+    plan.add_argument("output_dir", metavar="OUTPUT_DIR", help="a DPI run's output_dir (or its dpi/ folder)")
+    plan.add_argument("--jaccard-threshold", type=float, default=None, metavar="TAU",
+                      help="τ in [0, 1]: tasks with core overlap J >= τ share a stage (default: the run's τ)")
+    plan.add_argument("--order", choices=STAGE_ORDERS, default=None,
+                      help="stage order (default: the run's); largest_first ranks groups by core size here, as "
+                           "the training-set sizes are not stored with the cores")
+    plan.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
+    plan.add_argument("--save", metavar="FILE", default=None,
+                      help="also write the new plan as JSON to FILE (the run's own plan.json is never changed)")
+    plan.add_argument("--plot", metavar="FILE.png", default=None, help="also draw the overlap heatmap to FILE.png")
+    return plan
+
+
+def run(args, _extra) -> int:
+    """``dpi-hf plan``: re-plan from saved cores and print the overlap matrix and the stages."""
+    from ..artifacts import plot_overlap
+    from ..core import plan_stages
+
+    cores, saved = load_run_cores(args.output_dir)
+    tau = args.jaccard_threshold if args.jaccard_threshold is not None else (saved.jaccard_threshold if saved else 0.1)
+    # a baseline run's plan records its staging (e.g. "multitask") as its order: re-plan those in given order
+    order = args.order or (saved.stage_order if saved and saved.stage_order in STAGE_ORDERS else "given")
+    tasks = saved.tasks if saved and all(t in cores for t in saved.tasks) else list(cores)
+    sizes = {t: cores[t].count() for t in tasks}
+    plan = plan_stages(cores, tau, order=order, seed=args.seed, tasks=tasks, sizes=sizes)
+    print(f"Plan from {args.output_dir} (τ = {plan.jaccard_threshold}, order {order}; {len(tasks)} tasks):")
+    print(plan.describe())
+    if saved is not None and saved.stages != plan.stages:
+        print(f"(the run trained the stages {saved.stages} with τ = {saved.jaccard_threshold})")
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save).write_text(plan.to_json())
+        print(f"plan written to {args.save}")
+    if args.plot:
+        print(f"overlap heatmap written to {plot_overlap(plan, args.plot)}")
+    return 0

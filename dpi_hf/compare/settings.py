@@ -1,0 +1,99 @@
+"""What a comparison runs and how: the methods, the fields the runner owns, the evaluation settings and the
+checks made before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..core.errors import DPIConfigError
+from ..evaluation.settings import FORGETTING_MODES, EvalSpec
+from ..utils import check_each_task_once, did_you_mean, is_int
+
+__all__ = ["METHODS", "FORGETTING_MODES", "EvalSettings", "eval_record", "check_seeds", "check_groups",
+           "method_fields", "make_config"]
+
+METHODS: tuple[str, ...] = ("multitask", "multistage_random", "multistage_heuristic", "dpi")
+STAGING = {"multitask": "multitask", "multistage_random": "random", "multistage_heuristic": "given", "dpi": "dpi"}
+# Fields the runner sets per method and seed; a recipe setting them would silently change what a method means.
+RUNNER_FIELDS = ("staging", "stage_groups", "seed", "output_dir", "save_stage_models")
+# Defaults for every run, under the recipe's own values: no checkpoints or trackers for throw-away comparison runs,
+# and whole batches only, so that every method trains on exactly steps × batch examples (see dpi_hf.compare).
+TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "dataloader_drop_last": True}
+METRIC_LABELS = {"gsm8k_accuracy": "acc %", "logiqa_accuracy": "acc %", "codebleu": "CodeBLEU",
+                 "humaneval_pass@1": "pass@1 %", "judge_score": "judge 1-10", "rougeL_proxy": "ROUGE-L proxy",
+                 "reasoning_gym": "verifier", "nll": "NLL"}
+RECORD = "compare_run.json"
+
+#: How every model of a comparison is evaluated: the same type as a recipe's ``eval:`` section
+#: (:class:`dpi_hf.evaluation.settings.EvalSpec`; ``metric_samples=`` is accepted for ``max_samples``).
+EvalSettings = EvalSpec
+
+
+def eval_record(spec: EvalSpec) -> dict:
+    """The evaluation settings that decide a comparison's numbers, as stored in ``results.json`` and hashed into
+    each run's settings key (``before``/``after``/``trainer_eval`` are not part of it).
+
+    Args:
+        spec: the evaluation settings.
+    """
+    return {"metrics": spec.metrics, "metric_samples": spec.max_samples, "nll_samples": spec.nll_samples,
+            "max_new_tokens": spec.max_new_tokens, "batch_size": spec.batch_size,
+            "metric_kwargs": spec.metric_kwargs, "forgetting": spec.forgetting, "judge": spec.judge}
+
+
+def check_seeds(seeds) -> list[int]:
+    """``seeds`` as a list, checked to be a non-empty list of distinct integers."""
+    seeds = list(seeds)
+    if not seeds or any(not is_int(s) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise DPIConfigError(f"seeds={seeds} must be a non-empty list of distinct integers, e.g. [1, 2, 3].")
+    return seeds
+
+
+def check_groups(groups, tasks: list[str], what: str = "heuristic_groups") -> list[list[str]]:
+    """The stages of ``multistage_heuristic`` (or of a sweep's ``staging="given"``), checked to name every task
+    once.
+
+    Args:
+        groups: lists of task names (None or empty: an error naming an example).
+        tasks: the comparison's task names.
+        what: the name the message gives the groups (default ``"heuristic_groups"``).
+    """
+    if not groups:
+        user = "multistage_heuristic" if what == "heuristic_groups" else "staging='given'"
+        raise DPIConfigError(f"{user} needs {what} (the stages as lists of task names), e.g. "
+                             f"[[{tasks[0]!r}], {tasks[1:]!r}].")
+    return check_each_task_once(groups, tasks, what)
+
+
+def method_fields(method: str, groups) -> dict:
+    """The DPIConfig fields that make a run the method ``method`` (its staging, and the heuristic's groups)."""
+    fields: dict[str, Any] = {"staging": STAGING[method]}
+    if method == "multistage_heuristic":
+        fields["stage_groups"] = groups
+    return fields
+
+
+def make_config(training: Mapping[str, Any], fields: Mapping[str, Any], *, seed: int, run_dir: Path,
+                save_stages: bool = False):
+    """The :class:`~dpi_hf.DPIConfig` of one run.
+
+    Args:
+        training: the fields every run shares.
+        fields: the method's (or sweep point's) own fields.
+        seed: the training seed.
+        run_dir: the run's ``output_dir``.
+        save_stages: save the model after each stage (``save_stage_models``; default False).
+
+    Raises:
+        DPIConfigError: a field DPIConfig does not know (with the closest one) or DPIConfig's own checks.
+    """
+    from ..config import DPIConfig
+
+    kwargs = {**training, **fields, "seed": seed, "output_dir": str(run_dir), "save_stage_models": save_stages}
+    valid = DPIConfig.__dataclass_fields__
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise DPIConfigError(f"training fields {unknown} are not DPIConfig fields"
+                             f"{did_you_mean(unknown[0], list(valid))}.")
+    return DPIConfig(**kwargs)

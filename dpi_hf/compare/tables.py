@@ -1,0 +1,125 @@
+"""The Markdown tables of a comparison (``results.md``) and of a sweep (``sweep.md``)."""
+
+from __future__ import annotations
+
+import statistics
+
+from .settings import METRIC_LABELS
+
+
+def _fmt(stat: dict, digits: int) -> str:
+    """``mean ± std`` with ``digits`` decimals ("—" without a value)."""
+    if stat["mean"] is None:
+        return "—"
+    text = f"{stat['mean']:.{digits}f}"
+    return text + (f" ± {stat['std']:.{digits}f}" if stat.get("std") is not None else "")
+
+
+def _digits(metric: str | None) -> int:
+    """Decimals shown for a metric: 1 for percentages, 2 for judge ratings, 3 otherwise."""
+    return 1 if metric in ("gsm8k_accuracy", "logiqa_accuracy", "humaneval_pass@1") else \
+        2 if metric == "judge_score" else 3
+
+
+def comparison_markdown(results: dict) -> str:
+    """``results.md``: the scores table, held-out NLL, budget and cost, forgetting tables and DPI diagnostics."""
+    tasks, summary, metrics = results["tasks"], results["summary"], results["task_metrics"]
+    seeds = results["seeds"]
+    lines = [f"# Comparison: {', '.join(results['methods'])}", ""]
+    lines.append(f"Model `{results['settings']['model']}`; seeds {seeds} (mean ± sample std over seeds where "
+                 f"there are several); eval rows per task {results['settings']['eval_sizes']}; train rows per task "
+                 f"{results['settings']['train_sizes']}.")
+    if any(m[0] == "rougeL_proxy" for m in metrics.values()):
+        lines.append("ROUGE-L is an offline **proxy** for the judge score (no judge endpoint was used); the macro "
+                     "score below is therefore not comparable with judge-based macro scores.")
+    lines += ["", "## Scores (Table 1)", ""]
+    header = ["method"] + [f"{t} ({METRIC_LABELS[metrics[t][0]]})" for t in tasks] + ["macro (0-10)"]
+    extras = [(t, m) for t in tasks for m in metrics[t][1:]]
+    header += [f"{t} ({METRIC_LABELS[m]})" for t, m in extras]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for method, s in summary.items():
+        cells = [method] + [_fmt(s["tasks"][t]["score"], _digits(metrics[t][0])) for t in tasks]
+        cells.append(_fmt(s["macro"], 2))
+        cells += [_fmt(s["tasks"][t]["extra"].get(m, {"mean": None}), _digits(m)) for t, m in extras]
+        lines.append(_row(cells))
+    lines += ["", "## Held-out NLL (nats/token of the reference completion; lower is better)", ""]
+    header = ["method"] + tasks + ["mean"]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for method, s in summary.items():
+        means = [s["tasks"][t]["nll"]["mean"] for t in tasks]
+        lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks]
+                          + [f"{statistics.fmean(means):.3f}"]))
+    lines += ["", "## Budget, cost and forgetting", "",
+              "Training examples are counted at the training step (stages only). Probe cost is DPI's extra training "
+              "before the plan; it is not part of the budget. Forgetting: mean over tasks trained before the last "
+              "stage of (NLL after the last stage − NLL after the task's own stage).", ""]
+    header = ["method", "train examples", "train steps", "train s", "probe examples", "probe s", "eval s",
+              "forgetting ΔNLL"]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for method, s in summary.items():
+        if method == "base":
+            continue
+        lines.append(_row([method, _fmt(s["train_examples"], 0), _fmt(s["train_steps"], 0),
+                           _fmt(s["train_seconds"], 0), _fmt(s["probe_examples"], 0), _fmt(s["probe_seconds"], 0),
+                           _fmt(s["eval_seconds"], 0), _fmt(s["forgetting"], 3)]))
+    same = results["budget"]["same_budget"]
+    lines += ["", f"Same number of training examples for every run: **{'yes' if same else 'NO'}** "
+                  f"({sorted(set(results['budget']['train_examples'].values()))})."]
+    lines += ["", "## Forgetting tables (held-out NLL after each stage)", ""]
+    base = results.get("base")
+    for r in results["runs"]:
+        if len(r["after_stages"]) < 2:
+            continue
+        lines += [f"### {r['method']}, seed {r['seed']}", ""]
+        header = ["after stage (trained tasks)"] + tasks
+        lines += [_row(header), _row(["---"] * len(header))]
+        if base is not None:
+            lines.append(_row(["base"] + [f"{base['tasks'][t]['nll']:.3f}" for t in tasks]))
+        for row in r["after_stages"]:
+            cells = [f"{row['stage']} ({', '.join(row['tasks'])})"]
+            for t in tasks:
+                value = row["tasks_eval"][t]
+                text = f"{value['nll']:.3f}"
+                if value.get("score") is not None:
+                    text += f" / {value['score']:.{_digits(value['metric'])}f}"
+                cells.append(f"**{text}**" if t in row["tasks"] else text)
+            lines.append(_row(cells))
+        lines.append("")
+    dpi_runs = [r for r in results["runs"] if r["fields"].get("staging") == "dpi"]
+    if dpi_runs:
+        lines += ["## DPI diagnostics", ""]
+        for r in dpi_runs:
+            lines += [f"seed {r['seed']}: probes {r['probe_seconds']:.0f} s on {r['probe_examples']} examples; "
+                      f"frozen fraction per stage {[round(f, 5) for f in r['frozen_fraction']]}", "", "```",
+                      r["plan_text"], "```", ""]
+    recorded = sum(r["train_wall_seconds"] + r["eval_seconds"] for r in results["runs"])
+    recorded += results["base"]["seconds"] if results.get("base") else 0.0
+    lines += [f"Compute recorded by the runs (training incl. probes, evaluation): {recorded:.0f} s; wall time of the "
+              f"call that wrote this table: {results.get('wall_seconds', 0):.0f} s (finished runs are reused).", ""]
+    return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def sweep_markdown(result: dict) -> str:
+    """``sweep.md``: one row per sweep point (p, scope, stages, frozen fractions, macro, NLL, forgetting)."""
+    lines = [f"# Core-fraction sweep (staging = {result['staging']})", "",
+             f"Model `{result['settings']['model']}`. Forgetting: mean over tasks trained before the last stage of "
+             "(NLL after the last stage − NLL after the task's own stage), nats/token. `unfrozen`: the same stages "
+             "trained without freezing.", "",
+             _row(["point", "p", "scope", "stages", "frozen fraction per stage", "macro (0-10)", "mean NLL",
+                   "forgetting ΔNLL"]),
+             _row(["---"] * 8)]
+    for s in result["summary"]:
+        lines.append(_row([s["name"], "—" if s["core_fraction"] is None else f"{s['core_fraction']:g}",
+                           s["core_scope"] or "—", len(s["stages"]),
+                           ", ".join(f"{f:.4f}" for f in s["frozen_fraction"]) or "—",
+                           _fmt(s["macro"], 2), _fmt(s["mean_nll"], 3), _fmt(s["forgetting"], 4)]))
+    lines += ["", f"Same number of training examples for every point: "
+                  f"**{'yes' if result['budget']['same_budget'] else 'NO'}**. "
+                  f"Wall time {result['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
