@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -56,19 +56,15 @@ from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameter
 from .config import DPIConfig
 from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
 from .core.errors import DPIConfigError, FingerprintMismatchError, ProbeDivergedError
+from .core.io import atomic_save_file
 from .core.planning import StagePlan, plan_from_groups
 from .core.sharding import restore_parameters
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.signals import pool_importance, threshold_ties, tie_warning
 from .phases import PROBE, STAGE, PhaseRecord, batch_rows
+from .utils import check_each_task_once
 
 logger = logging.getLogger(__name__)
-_library_logger = logging.getLogger("dpi_hf")
-if not _library_logger.handlers:  # like transformers: the library's phase lines are visible without setup
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("[dpi-hf] %(message)s"))
-    _library_logger.addHandler(_handler)
-    _library_logger.propagate = False
 
 RUNS_DIR = "_dpi_runs"
 _DATA_COLUMNS = ("prompt", "completion", "messages", "text", "input_ids", "labels", "tools", "chat_template_kwargs")
@@ -146,6 +142,30 @@ _MASK_SETTINGS = ("core_fraction", "core_scope", "core_include", "core_exclude",
 
 def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def check_output_dir(args: DPIConfig, resume=None) -> bool:
+    """Whether ``args.output_dir`` holds another DPI run; raise if a fresh run may not start there.
+
+    A fresh (not resumed) run in an ``output_dir`` with a previous run's DPI state (``dpi/`` or ``_dpi_runs/``) would
+    mix two runs' checkpoints and artifacts: it is refused unless ``overwrite_output_dir`` (then that state is deleted
+    when training starts). Cheap; the CLI calls it before loading any model.
+
+    Args:
+        args: the run's config.
+        resume: the ``resume_from_checkpoint`` the run will be started with (default None: ``args``' own).
+    """
+    resume = args.resume_from_checkpoint if resume is None else resume
+    out = Path(args.output_dir)
+    used = (out / RUNS_DIR / "identity.json").is_file() or (out / DPI_DIR / PLAN_FILE).is_file() or \
+        (out / DPI_DIR / CORES_FILE).is_file()
+    if used and not resume and not args.overwrite_output_dir:
+        raise DPIConfigError(
+            f"output_dir {str(out)!r} already holds a DPI run (dpi/ or _dpi_runs/). Resume it with "
+            "resume_from_checkpoint=True, start fresh with overwrite_output_dir=True (deletes its DPI state), or "
+            "pick another output_dir."
+        )
+    return used
 
 
 def _split_half_error(task: str, rows: int) -> DPIConfigError:
@@ -234,7 +254,6 @@ class DPITrainer(SFTTrainer):
         self._mask_source = None
         if args.masks_from is not None and args.needs_probes and not isinstance(model, str):
             self._preloaded_cores = self._load_masks(args, model)
-        _library_logger.setLevel(logging.INFO if args.process_index == 0 else logging.WARNING)
         eval_split = eval_dataset
         if isinstance(eval_dataset, Dataset):  # a task column → one eval set per task, logged as eval_<task>_loss
             eval_split = split_tasks(eval_dataset, args.task_column) or eval_dataset
@@ -287,15 +306,7 @@ class DPITrainer(SFTTrainer):
     def _validate_multitask(self, args: DPIConfig) -> None:
         tasks = list(self.tasks)
         if args.staging == "given":
-            named = [t for g in args.stage_groups for t in g]
-            unknown = [t for t in named if t not in self.tasks]
-            if unknown:
-                raise DPIConfigError(f"stage_groups name unknown tasks {unknown}; the tasks are {tasks}.")
-            missing = [t for t in tasks if t not in named]
-            if missing or len(named) != len(set(named)):
-                raise DPIConfigError(
-                    f"stage_groups must name every task exactly once; missing {missing}, tasks are {tasks}."
-                )
+            check_each_task_once(args.stage_groups, tasks, "stage_groups")
         if args.max_steps is not None and args.max_steps > 0:
             # the most stages this run can have: known before any probe, so a too-small budget fails now
             k = {"given": len(args.stage_groups or []), "multitask": 1,
@@ -447,13 +458,7 @@ class DPITrainer(SFTTrainer):
             progress_path = runs / "progress.json"
             progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
             return progress, checkpoint
-        used = saved_path.is_file() or (dpi_dir / PLAN_FILE).is_file() or (dpi_dir / CORES_FILE).is_file()
-        if used and not a.overwrite_output_dir:
-            raise DPIConfigError(
-                f"output_dir {str(a.output_dir)!r} already holds a DPI run (dpi/ or _dpi_runs/). Resume it with "
-                "resume_from_checkpoint=True, start fresh with overwrite_output_dir=True (deletes its DPI state), or "
-                "pick another output_dir."
-            )
+        used = check_output_dir(a, resume=False)
         if self.is_world_process_zero():
             if used:
                 logger.info("DPI: overwrite_output_dir: deleting the previous run's %s and %s", runs, dpi_dir)
@@ -746,9 +751,7 @@ class DPITrainer(SFTTrainer):
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
             if self.is_world_process_zero():
                 state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-                runs = self._runs_dir
-                save_file(state, str(runs / "last-stage.safetensors.tmp"))
-                (runs / "last-stage.safetensors.tmp").replace(runs / "last-stage.safetensors")
+                atomic_save_file(state, self._runs_dir / "last-stage.safetensors")
             _kill_point(f"after-stage-{k}-save")
             finished.append(k)
             self._write_json(self._runs_dir / "progress.json", {

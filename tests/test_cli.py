@@ -256,6 +256,29 @@ def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
     assert (run / "tokenizer_config.json").is_file() and "dpi-hf" in (run / "README.md").read_text()
 
 
+def test_probe_writes_the_plan_and_trains_nothing(capsys, tmp_path, tiny_model_dir):
+    path = _tiny_recipe(tmp_path, tiny_model_dir)
+    rc, out, err = _run(capsys, "probe", path)
+    assert rc == 0, err
+    run = tmp_path / "out"
+    assert "split-half reliability r" in out and "reliability-corrected overlap" in out
+    assert "probe cost: 6 probes, 12 steps, 48 examples" in out and "--masks_from" in out
+    record = json.loads((run / "dpi" / "plan.json").read_text())
+    assert set(record["reliability"]) == {"add", "rev", "upper"} and record["overlap"] == "corrected"
+    assert (run / "dpi" / "cores.safetensors").is_file() and (run / "dpi" / "overlap.png").is_file()
+    assert not (run / "model.safetensors").exists() and not (run / "_dpi_runs" / "stage-0").exists()
+    # the plan verb keeps the run's overlap and its reliability report
+    rc, out, _ = _run(capsys, "plan", run, "--jaccard-threshold", "0.99")
+    assert rc == 0 and "on the corrected overlap" in out and "split-half reliability" in out
+    rc, out, _ = _run(capsys, "plan", run, "--overlap", "raw")
+    assert rc == 0 and "on the raw overlap" in out
+    # a second probe into the same output_dir is refused until overwrite_output_dir says so
+    rc, _, err = _run(capsys, "probe", path)
+    _assert_one_line_error(rc, err, "already holds a DPI run", "overwrite_output_dir")
+    rc, _, err = _run(capsys, "probe", path, "--overwrite_output_dir", "true")
+    assert rc == 0, err
+
+
 # --------------------------------------------------------------------------------------------------- plan
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.planning import STAGE_ORDERS
+from ..core.planning import OVERLAPS, STAGE_ORDERS
 from .common import load_run_cores, verb_parser
 
 NAME = "plan"
@@ -26,6 +26,9 @@ def add_parser(subparsers, parents=()):
     plan.add_argument("--order", choices=STAGE_ORDERS, default=None,
                       help="stage order (default: the run's); largest_first ranks groups by core size here, as "
                            "the training-set sizes are not stored with the cores")
+    plan.add_argument("--overlap", choices=OVERLAPS, default=None,
+                      help="matrix τ applies to: the cores' Jaccard (raw) or the reliability-corrected overlap "
+                           "(needs a run probed with probe_reliability=split_half); default: the run's")
     plan.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
     plan.add_argument("--save", metavar="FILE", default=None,
                       help="also write the new plan as JSON to FILE (the run's own plan.json is never changed)")
@@ -44,8 +47,12 @@ def run(args, _extra) -> int:
     order = args.order or (saved.stage_order if saved and saved.stage_order in STAGE_ORDERS else "given")
     tasks = saved.tasks if saved and all(t in cores for t in saved.tasks) else list(cores)
     sizes = {t: cores[t].count() for t in tasks}
-    plan = plan_stages(cores, tau, order=order, seed=args.seed, tasks=tasks, sizes=sizes)
-    print(f"Plan from {args.output_dir} (τ = {plan.jaccard_threshold}, order {order}; {len(tasks)} tasks):")
+    reliability = saved.reliability if saved is not None else None
+    overlap = args.overlap or (saved.overlap if saved is not None and reliability is not None else "raw")
+    plan = plan_stages(cores, tau, order=order, seed=args.seed, tasks=tasks, sizes=sizes, reliability=reliability,
+                       overlap=overlap)
+    print(f"Plan from {args.output_dir} (τ = {plan.jaccard_threshold} on the {overlap} overlap, order {order}; "
+          f"{len(tasks)} tasks):")
     print(plan.describe())
     if saved is not None and saved.stages != plan.stages:
         print(f"(the run trained the stages {saved.stages} with τ = {saved.jaccard_threshold})")

@@ -90,7 +90,10 @@ def make_config(training: Mapping[str, Any], fields: Mapping[str, Any], *, seed:
     """
     from ..config import DPIConfig
 
-    kwargs = {**training, **fields, "seed": seed, "output_dir": str(run_dir), "save_stage_models": save_stages}
+    # the harness owns its run folders (it reuses finished runs by their settings itself), so a run it trains
+    # again starts clean
+    kwargs = {**training, **fields, "seed": seed, "output_dir": str(run_dir), "save_stage_models": save_stages,
+              "overwrite_output_dir": True}
     valid = DPIConfig.__dataclass_fields__
     unknown = [k for k in kwargs if k not in valid]
     if unknown:

@@ -135,10 +135,12 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
     apply_runtime(recipe)
     from ..data import load_tasks
     from ..evaluation import macro_score
-    from ..trainer import DPITrainer
+    from ..trainer import DPITrainer, check_output_dir
 
     args = recipe.args
     output_dir = Path(args.output_dir)
+    if len(recipe.tasks) > 1:
+        check_output_dir(args)  # a used output_dir is refused before any data or model is loaded
     log(f"[dpi-hf] recipe {recipe.source or '<dict>'}: {len(recipe.tasks)} tasks {recipe.task_names}, model "
         f"{recipe.model.name_or_path}, output {output_dir}")
 

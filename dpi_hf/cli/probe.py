@@ -1,0 +1,41 @@
+"""``dpi-hf probe RECIPE.yaml [--FIELD VALUE ...]``: probe the tasks and write the plan; train no stage."""
+
+from __future__ import annotations
+
+from ..core.errors import DPIConfigError
+from .common import verb_parser
+
+NAME = "probe"
+TAKES_OVERRIDES = True
+
+
+def add_parser(subparsers, parents=()):
+    """Add the ``probe`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
+    probe = verb_parser(
+        subparsers, parents, "probe",
+        help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
+        usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
+        description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
+                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from.",
+    )
+    probe.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="the recipe file, e.g. recipes/quickstart.yaml")
+    return probe
+
+
+def run(args, overrides: list[str]) -> int:
+    """``dpi-hf probe``: see :func:`dpi_hf.run.probe.run_probe`; ``overrides`` are ``--FIELD VALUE`` tokens."""
+    from ..run.environment import prepare_raw
+    from ..run.reading import read_recipe
+    from ..run.recipe import Recipe
+
+    if not args.recipe:
+        raise DPIConfigError("no recipe given; run e.g. `dpi-hf probe recipes/quickstart.yaml`.")
+    raw = read_recipe(args.recipe, overrides)
+    prepare_raw(raw)
+    recipe = Recipe.from_dict(raw, source=args.recipe)
+    if len(recipe.tasks) < 2:
+        raise DPIConfigError(f"dpi-hf probe needs at least two tasks; {args.recipe} has {len(recipe.tasks)}.")
+    from ..run.probe import run_probe
+
+    run_probe(recipe)
+    return 0

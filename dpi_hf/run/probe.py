@@ -1,0 +1,47 @@
+"""``dpi-hf probe``: probe a recipe's tasks and plan, without training any stage.
+
+Loads the recipe's tasks (training rows only) and model, runs :meth:`dpi_hf.DPITrainer.probe`, and leaves in
+``output_dir/dpi/`` the cores, ``plan.json`` (with the split-half reliability report when probed that way) and the
+overlap plot. A later ``dpi-hf train`` of the same recipe with ``--masks_from OUTPUT_DIR`` reuses these cores, so
+the plan (and whether the cores are reliable) can be checked before paying for the stages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .environment import apply_runtime
+from .model import load_model_and_tokenizer
+from .recipe import Recipe
+
+
+def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
+    """Probe every task of ``recipe`` and write the plan; return the :class:`~dpi_hf.core.StagePlan`.
+
+    Args:
+        recipe: a validated recipe with at least two tasks.
+        log: where the plan, the probe cost and the artifact paths go (default: print).
+    """
+    apply_runtime(recipe)
+    from ..data import load_tasks
+    from ..phases import PROBE
+    from ..trainer import DPITrainer
+
+    from ..trainer import check_output_dir
+
+    check_output_dir(recipe.args)  # before loading anything: a used output_dir is refused now
+    t0 = time.perf_counter()
+    train = {name: splits["train"] for name, splits in load_tasks(recipe.tasks).items()}
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    trainer = DPITrainer(model, args=recipe.args, train_dataset=train, processing_class=tokenizer)
+    plan = trainer.probe()
+    probes = [r for r in trainer.phase_records if r.kind == PROBE]
+    log(f"[dpi-hf] plan:\n{plan.describe()}")
+    log(f"[dpi-hf] probe cost: {len(probes)} probes, {sum(r.steps for r in probes)} steps, "
+        f"{sum(r.examples for r in probes)} examples, {sum(r.seconds for r in probes):.0f} s "
+        f"(whole command {time.perf_counter() - t0:.0f} s)")
+    out = trainer.args.output_dir
+    log(f"[dpi-hf] wrote {out}/dpi/cores.safetensors, {out}/dpi/plan.json and {out}/dpi/overlap.png; train the "
+        f"stages with these cores: dpi-hf train RECIPE --masks_from {out} --output_dir OTHER_DIR")
+    return plan
