@@ -55,16 +55,35 @@ def reference(tmp_path_factory):
     return out / "run", report(out / "rep")
 
 
-@pytest.mark.parametrize("kill_at", ["probe-rev:2", "stage-1:2"])
+def _artifact_bytes(out: Path) -> dict:
+    """What a finished run states about itself: the bytes of plan and model card, and the cores file's metadata and
+    the bytes of each of its tensors (safetensors writes its metadata keys in a per-process hash order, so the
+    header alone may differ between two processes writing the same content)."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "dpi" / "cores.safetensors"), framework="pt") as f:
+        cores = {"metadata": f.metadata(), **{k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}}
+    return {"cores": cores, **{name: (out / name).read_bytes() for name in ("dpi/plan.json", "README.md")}}
+
+
+# kill points spread over a run: mid probe (a Trainer step), after a probe's cores are written, after the plan and
+# artifacts, mid stage (checkpoints exist), after a stage's weights are saved but before its progress is recorded,
+# and after the final card (a finished run resumed)
+KILL_POINTS = ["probe-rev-half2:2", "point:after-probe-add", "point:after-plan", "stage-1:2",
+               "point:after-stage-0-save", "point:after-card"]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, kill_at):
     ref_out, ref = reference
     out = tmp_path / "run"
-    killed = run(str(out), "--kill-at", kill_at)
+    how = ["--kill-point", kill_at.split(":", 1)[1]] if kill_at.startswith("point:") else ["--kill-at", kill_at]
+    killed = run(str(out), *how)
     assert killed.returncode == -9, killed.stderr[-3000:]
     probes = out / "_dpi_runs" / "probes"
     if kill_at.startswith("probe"):
         assert (probes / "add.safetensors").is_file() and not (probes / "rev.safetensors").exists()
-    else:
+    elif kill_at.startswith("stage"):
         assert json.loads((out / "_dpi_runs" / "progress.json").read_text())["finished_stages"] == [0]
         assert any((out / "_dpi_runs" / "stage-1").glob("checkpoint-*"))
     resumed = run(str(out), "--resume", "--report", str(tmp_path / "rep"))
@@ -79,6 +98,27 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, kill_at)
     assert all(cores[t] == ref_cores[t] for t in ref_cores)
     assert_frozen_intact(out)
     assert rep["params"] == ref["params"]  # resume is exact: same final weights as the uninterrupted run
+    assert _artifact_bytes(out) == _artifact_bytes(ref_out)  # cores, plan and card bit-identical
+
+
+def test_resume_from_an_explicit_checkpoint_path(tmp_path, reference):
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    assert run(str(out), "--kill-at", "stage-1:4").returncode == -9  # checkpoints 1-3 saved, 4 not yet
+    # a checkpoint of another phase is refused with the expected path, before anything changes
+    wrong = out / "_dpi_runs" / "stage-0"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = run(str(out), "--resume", str(wrong / "checkpoint-1"))
+    assert bad.returncode != 0 and "not a checkpoint of the stage this run continues with" in bad.stderr
+    assert "stage-1/checkpoint-<step>" in bad.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the stage's own earlier checkpoint is honoured: training continues from step 2, not from the latest (3)
+    ckpt = out / "_dpi_runs" / "stage-1" / "checkpoint-2"
+    assert ckpt.is_dir() and (out / "_dpi_runs" / "stage-1" / "checkpoint-3").is_dir()
+    good = run(str(out), "--resume", str(ckpt), "--report", str(tmp_path / "rep"))
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "stage-1 begins at step 2" in good.stdout
+    assert report(tmp_path / "rep")["params"] == ref["params"]
 
 
 @pytest.mark.distributed

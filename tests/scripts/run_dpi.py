@@ -1,12 +1,15 @@
 """A DPI run on the tiny test model, driven from tests in a subprocess (kill/resume and torchrun DDP tests).
 
-usage: run_dpi.py OUT_DIR [--kill-at PHASE:STEP] [--resume] [--report FILE]
-  --kill-at probe-rev:2   SIGKILL this process when phase `probe-rev` reaches optimizer step 2
+usage: run_dpi.py OUT_DIR [--kill-at PHASE:STEP | --kill-point NAME] [--resume [PATH]] [--report FILE]
+  --kill-at probe-rev-half2:2   SIGKILL this process when phase `probe-rev-half2` reaches optimizer step 2
+  --kill-point after-plan       SIGKILL it at a named point of the trainer (DPI_HF_KILL_AT)
+  --resume [PATH]               resume (from the latest checkpoint, or from the checkpoint PATH)
   --report FILE           write per-rank facts (parameter hash, cores, plan) as JSON to FILE.<rank>
 """
 
 import argparse
 import hashlib
+import logging
 import json
 import os
 import signal
@@ -31,26 +34,37 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class ReportStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kwargs):
+        print(f"[run_dpi] {Path(args.output_dir).name} begins at step {state.global_step}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--kill-at")
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--kill-point")
+    ap.add_argument("--resume", nargs="?", const=True, default=None)
     ap.add_argument("--report")
     ns = ap.parse_args()
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="[dpi-hf] %(message)s")
+    logging.getLogger("dpi_hf").setLevel(logging.INFO)
+    if ns.kill_point:
+        os.environ["DPI_HF_KILL_AT"] = ns.kill_point
     tok = build_tokenizer()
     args = DPIConfig(output_dir=ns.out, per_device_train_batch_size=2, learning_rate=1e-2, max_steps=12,
                      probe_steps=4, core_fraction=0.05, jaccard_threshold=1.0, logging_steps=1, save_strategy="steps",
                      save_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
-                     max_length=64, seed=0, disable_tqdm=True, save_stage_models=True, weight_decay=0.1)
-    callbacks = []
+                     max_length=64, seed=0, disable_tqdm=True, save_stage_models=True, weight_decay=0.1,
+                     overlap="raw")  # τ = 1 on the raw Jaccard: one stage per task, whatever the cores
+    callbacks = [ReportStart()]
     if ns.kill_at:
         phase, step = ns.kill_at.split(":")
         callbacks.append(KillAt(phase, int(step)))
     trainer = DPITrainer(tiny_llama(tok), args=args, train_dataset=make_tasks(), processing_class=tok,
                          callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=ns.resume or None)
+    trainer.train(resume_from_checkpoint=ns.resume)
     if ns.report:
         h = hashlib.sha256()
         for n, p in trainer.model.named_parameters():
