@@ -1,4 +1,4 @@
-"""Benchmark: exact streaming core selection vs ``torch.topk`` on a concatenation (DESIGN.md §3).
+"""Benchmark: exact streaming core selection vs ``torch.topk`` on a concatenation.
 
 Synthetic update magnitudes |normal| with Llama-7B-like shapes (embeddings 32000×4096, then whole decoder layers:
 q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008, two norms of 4096, and a final norm) are generated tensor by
@@ -8,7 +8,7 @@ the selection) after the selection minus the RSS before it (the deltas themselve
 ``torch.topk`` runs last because it needs ~10 GiB at 500M elements.
 
 Both methods must select the same number of elements with the same threshold (the smallest selected value).
-Targets (DESIGN.md §3): <= 5 s and <= 0.5 GiB extra peak memory at >= 500M elements.
+Targets: <= 5 s and <= 0.5 GiB extra peak memory at >= 500M elements.
 
     python benchmarks/bench_selection.py                      # >= 500M elements, p = 5% and 1%
     python benchmarks/bench_selection.py --elements 20000000  # a quick run

@@ -1,4 +1,4 @@
-"""Exact freezing (DESIGN.md §2): frozen elements keep their bits through every optimizer/training setup measured."""
+"""Exact freezing: frozen elements keep their bits through every optimizer/training setup measured."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Exact parameter freezing: selected elements stay bit-identical through any optimizer step.
 
-A gradient hook that multiplies by a mask is not a freeze (DESIGN.md §2): decoupled weight decay, momentum carried
+A gradient hook that multiplies by a mask is not a freeze: decoupled weight decay, momentum carried
 from earlier steps and 8-bit optimizer state all move masked elements. :class:`ParameterFreezer` does two things
 that, together, held bit-identity in every case measured:
 
@@ -14,7 +14,7 @@ the tensor has fewer than 2**31 elements) and the frozen values in the parameter
 64 bits per frozen fp32 element, so 1.92 bits per model parameter at 3% frozen. A parameter frozen entirely keeps
 its values only. Never a full snapshot of the model.
 
-Speed: writes use ``index_copy_``/``index_fill_`` on a flat view (DESIGN.md §2). In torch 2.13 they only accept int64
+Speed: writes use ``index_copy_``/``index_fill_`` on a flat view. In torch 2.13 they only accept int64
 indices; storing int64 would cost 2.88 bits/param at 3% frozen, so the int32 indices are widened per call (a
 transient copy of one tensor's indices). The writes are memory-bound: widened int32, stored int64 and
 ``index_put_`` with int32 measured within ~10% of each other per pass and alike per train step (docs/benchmarks.md).
@@ -205,7 +205,7 @@ def _unwrap_optimizer(optimizer: object) -> object:
 
 
 class ParameterFreezer:
-    """Keep selected elements of a model's parameters bit-identical during training (DESIGN.md §1 step 7, §2).
+    """Keep selected elements of a model's parameters bit-identical during training.
 
     Construction validates the mask against the model and saves the frozen values (a compact copy); :meth:`attach`
     installs the gradient-zeroing hooks and, given an optimizer, the post-step restore. Typical use::

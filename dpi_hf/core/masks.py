@@ -1,7 +1,7 @@
 """`CoreMask`: a set of selected elements per named parameter.
 
-A core region (DESIGN.md §1 step 3) is a set of element positions in a model's parameters. It is stored per tensor
-as whichever of two encodings is smaller (DESIGN.md §4):
+A core region is a set of element positions in a model's parameters. It is stored per tensor
+as whichever of two encodings is smaller:
 
 * sorted flat indices (int32 when the tensor has fewer than 2**31 elements, else int64): 32 bits per *selected*
   element, so 0.32 bits/param at p = 1%;
@@ -295,7 +295,7 @@ class CoreMask:
         return total
 
     def jaccard(self, other: CoreMask) -> float:
-        """|A ∩ B| / |A ∪ B| (DESIGN.md §1 step 4); 0.0 when both are empty."""
+        """|A ∩ B| / |A ∪ B|; 0.0 when both are empty."""
         inter = self.intersection_count(other)
         union = self.count() + other.count() - inter
         return inter / union if union else 0.0

@@ -1,4 +1,4 @@
-"""Stage planning: overlap of core regions, task groups and the order of stages (DESIGN.md §1 steps 4–6).
+"""Stage planning: overlap of core regions, task groups and the order of stages.
 
 * Overlap: J(Ci, Cj) = |Ci ∩ Cj| / |Ci ∪ Cj|.
 * Groups: an edge i—j when J ≥ τ; the groups are the connected components of that graph.
@@ -294,7 +294,7 @@ def plan_stages(
     reliability: ReliabilityReport | None = None,
     overlap: str = "raw",
 ) -> StagePlan:
-    """Group tasks by core overlap and order the groups into stages (DESIGN.md §1 steps 4–6).
+    """Group tasks by core overlap and order the groups into stages.
 
     Args:
         cores: task name → its core region; iteration order is the "given" order.

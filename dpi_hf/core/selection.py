@@ -1,4 +1,4 @@
-"""Exact, streaming selection of a core region: the ⌊p·N⌋ largest update magnitudes (DESIGN.md §1 step 3, §3).
+"""Exact, streaming selection of a core region: the ⌊p·N⌋ largest update magnitudes.
 
 :func:`select_core` never concatenates the model. It runs an exact radix select on the float32 bit patterns of the
 magnitudes (for non-negative floats the int32 bit pattern is monotone in the value), one tensor and one chunk at a
@@ -540,7 +540,7 @@ def select_core(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
 ) -> CoreMask:
-    """The core region: exactly the ⌊p·N⌋ largest update magnitudes (DESIGN.md §1 step 3), streaming and exact.
+    """The core region: exactly the ⌊p·N⌋ largest update magnitudes, streaming and exact.
 
     Every selected value is >= every unselected value. Ties are broken deterministically: among equal values the
     earlier tensor (in iteration order of ``deltas``) wins, then the smaller flat (row-major) index. Values are

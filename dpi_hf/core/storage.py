@@ -1,4 +1,4 @@
-"""Core masks at rest: one safetensors file holding one core per task, with metadata (DESIGN.md §4).
+"""Core masks at rest: one safetensors file holding one core per task, with metadata.
 
 Layout of the file:
 
