@@ -3,9 +3,12 @@
 One dataset without a task column: exactly `SFTTrainer`. Several tasks (a ``dict[str, Dataset]`` or a Dataset with
 a task column): ``train()`` runs
 
-1. probes — for each task, the model restored bit-exactly to θ0 (a CPU copy), a fresh optimizer and scheduler,
-   ``probe_steps`` steps on that task alone, then its core = top-p of |θ − θ0|, saved at once;
-2. the plan — ``plan_stages`` on the cores (or the baselines' fixed stages);
+1. probes — for each task (and with ``probe_reliability="split_half"``, for each of two disjoint halves of its rows),
+   the model restored bit-exactly to θ0 (a CPU copy, local shards when sharded), a fresh optimizer and scheduler with
+   the probe-only settings, ``probe_steps`` steps on that data alone, then its core = the top p of the importance
+   (``core_signal``: Σg², |Σg| or |θ − θ0|; pooled over the two halves), saved at once;
+2. the plan — ``plan_stages`` on the cores, grouping on the raw or the reliability-corrected overlap (or the
+   baselines' fixed stages); ``probe()`` stops here;
 3. stages — from θ0, each stage trains on the mixture of its tasks with the earlier stages' cores frozen.
 
 Each phase is an ordinary ``Trainer.train()`` call with its own output folder under ``output_dir/_dpi_runs/`` (so
@@ -13,9 +16,10 @@ checkpoints, resume and the progress bar work per phase) and a fresh optimizer: 
 tasks' data would keep pushing the next stage along those tasks' directions, and a stage that starts from its own
 optimizer state can be resumed from its own checkpoint alone.
 
-Resume (``train(resume_from_checkpoint=True)``): finished probes (``_dpi_runs/probes/<task>.safetensors``) and finished
-stages (``_dpi_runs/progress.json``) are skipped, the model is reloaded from the last finished stage, and the interrupted
-stage continues from its last checkpoint with the same frozen set.
+Resume (``train(resume_from_checkpoint=True)``): the run identity (:mod:`dpi_hf.run_state`) must match the
+interrupted run's; finished probes (``_dpi_runs/probes/<task>.safetensors``) and finished stages
+(``_dpi_runs/progress.json``) are skipped, the model is reloaded from the last finished stage, and the interrupted
+stage continues from its last checkpoint (or the one named) with the same frozen set.
 
 Distributed (DDP): every rank runs the same probes on its shard of the data; gradients are all-reduced, so θ after
 a probe — and therefore the core — is identical on every rank. Only the main process writes files.
@@ -24,28 +28,22 @@ a probe — and therefore the core — is identical on every rank. Only the main
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
-import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, concatenate_datasets
+from datasets import Dataset, concatenate_datasets
 from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from .artifacts import (
     CORES_FILE,
     DPI_DIR,
-    PLAN_FILE,
     atomic_write_text,
     load_dpi_artifacts,
     resolve_masks_source,
@@ -54,119 +52,30 @@ from .artifacts import (
 )
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
-from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
+from .core import load_cores, plan_stages, read_cores_metadata, save_cores, select_core
 from .core.errors import DPIConfigError, FingerprintMismatchError, ProbeDivergedError
 from .core.io import atomic_save_file
 from .core.planning import StagePlan, plan_from_groups
 from .core.sharding import restore_parameters
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.signals import pool_importance, threshold_ties, tie_warning
+from .multitask import DATA_COLUMNS, allocate_steps, mixture, safe_name, split_tasks  # noqa: F401 (re-exported)
 from .phases import PROBE, STAGE, PhaseRecord, batch_rows
+from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-exported)
+    IDENTITY_FILE,
+    MASK_SETTINGS,
+    RUNS_DIR,
+    as_list,
+    changed_fields,
+    check_output_dir,
+    dpi_fields_changed,
+    dpi_settings,
+    kill_point,
+    run_identity,
+)
 from .utils import check_each_task_once
 
 logger = logging.getLogger(__name__)
-
-RUNS_DIR = "_dpi_runs"
-_DATA_COLUMNS = ("prompt", "completion", "messages", "text", "input_ids", "labels", "tools", "chat_template_kwargs")
-
-
-def _safe_name(task: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", task)
-
-
-def split_tasks(dataset, task_column: str) -> dict[str, Dataset] | None:
-    """Tasks of a multi-task training input, in first-appearance order, or None for a plain single dataset."""
-    if dataset is None:
-        return None
-    if isinstance(dataset, (dict, DatasetDict)):
-        if not dataset:
-            raise DPIConfigError("train_dataset is an empty dict; pass at least one task's dataset.")
-        for name, ds in dataset.items():
-            if not isinstance(name, str) or not name:
-                raise DPIConfigError(f"task name {name!r} must be a non-empty string.")
-            if not isinstance(ds, Dataset):
-                raise DPIConfigError(f"train_dataset[{name!r}] is a {type(ds).__name__}; pass a datasets.Dataset.")
-            if len(ds) == 0:
-                raise DPIConfigError(f"the dataset of task {name!r} is empty; give it examples or drop the task.")
-        return dict(dataset)
-    if isinstance(dataset, Dataset) and task_column in dataset.column_names:
-        names = dataset[task_column]
-        order = list(dict.fromkeys(names))
-        if not order:
-            raise DPIConfigError("train_dataset is empty; give it examples.")
-        by_task: dict[str, list[int]] = {t: [] for t in order}
-        for i, t in enumerate(names):
-            by_task[t].append(i)
-        return {str(t): dataset.select(idx) for t, idx in by_task.items()}
-    return None
-
-
-# DPIConfig's own fields (not SFTConfig's), derived once from the dataclass
-DPI_FIELDS = tuple(f for f in DPIConfig.__dataclass_fields__ if f not in SFTConfig.__dataclass_fields__)
-# fields that change how a run is stored or reported, not which cores, plan or weights it produces
-_BOOKKEEPING_FIELDS = ("task_column", "save_stage_models", "overwrite_output_dir", "allow_mask_mismatch")
-# training arguments that set the budget and optimisation of the stages: part of a run's identity
-_BUDGET_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-                  "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed",
-                  "max_length", "packing", "bf16", "fp16")
-
-
-def _dpi_fields_changed(args: DPIConfig) -> list[str]:
-    defaults = DPIConfig.__dataclass_fields__
-    return [n for n in DPI_FIELDS
-            if n not in _BOOKKEEPING_FIELDS and getattr(args, n) != defaults[n].default]
-
-
-def dpi_settings(args: DPIConfig) -> dict:
-    """The DPI fields of ``args`` (every field DPIConfig adds to SFTConfig), JSON-ready."""
-    return {n: getattr(args, n) for n in DPI_FIELDS if n not in _BOOKKEEPING_FIELDS} | {"freeze": args.freezes}
-
-
-def dataset_digest(ds: Dataset) -> str:
-    """sha256 of a tokenized dataset's token ids (and masks), row by row: the data a phase trains on."""
-    h = hashlib.sha256()
-    cols = [c for c in ("input_ids", "completion_mask", "assistant_masks", "labels") if c in ds.column_names]
-    h.update(json.dumps(cols).encode())
-    for batch in ds.select_columns(cols).iter(batch_size=1000):
-        for c in cols:
-            for row in batch[c]:
-                h.update(np.asarray(row, dtype=np.int64).tobytes())
-                h.update(b"|")
-    return h.hexdigest()
-
-
-# the settings a cores file records that decide which elements its cores hold
-_MASK_SETTINGS = ("core_fraction", "core_scope", "core_include", "core_exclude", "core_signal", "probe_reliability",
-                  "probe_steps", "probe_epochs", "probe_learning_rate")
-
-
-def _as_list(v):
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def check_output_dir(args: DPIConfig, resume=None) -> bool:
-    """Whether ``args.output_dir`` holds another DPI run; raise if a fresh run may not start there.
-
-    A fresh (not resumed) run in an ``output_dir`` with a previous run's DPI state (``dpi/`` or ``_dpi_runs/``) would
-    mix two runs' checkpoints and artifacts: it is refused unless ``overwrite_output_dir`` (then that state is deleted
-    when training starts). Cheap; the CLI calls it before loading any model.
-
-    Args:
-        args: the run's config.
-        resume: the ``resume_from_checkpoint`` the run will be started with (default None: ``args``' own).
-    """
-    resume = args.resume_from_checkpoint if resume is None else resume
-    out = Path(args.output_dir)
-    used = (out / RUNS_DIR / "identity.json").is_file() or (out / DPI_DIR / PLAN_FILE).is_file() or \
-        (out / DPI_DIR / CORES_FILE).is_file()
-    if used and not resume and not args.overwrite_output_dir:
-        raise DPIConfigError(
-            f"output_dir {str(out)!r} already holds a DPI run (dpi/ or _dpi_runs/). Resume it with "
-            "resume_from_checkpoint=True, start fresh with overwrite_output_dir=True (deletes its DPI state), or "
-            "pick another output_dir."
-        )
-    return used
-
 
 def _split_half_error(task: str, rows: int) -> DPIConfigError:
     return DPIConfigError(
@@ -174,32 +83,6 @@ def _split_half_error(task: str, rows: int) -> DPIConfigError:
         "task's rows and needs at least 2 rows per half. Give the task more rows or set probe_reliability='none' "
         "(and overlap='raw')."
     )
-
-
-def _kill_point(name: str) -> None:
-    # fault injection for the kill/resume tests: SIGKILL this process at a named point of the run
-    if os.environ.get("DPI_HF_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def allocate_steps(total: int, sizes: list[int]) -> list[int]:
-    """Split ``total`` optimizer steps over stages in proportion to ``sizes`` (largest remainder, each ≥ 1)."""
-    if total < len(sizes):
-        raise DPIConfigError(
-            f"max_steps={total} is smaller than the number of stages ({len(sizes)}); give every stage a step."
-        )
-    n = sum(sizes)
-    raw = [total * s / n for s in sizes]
-    steps = [max(1, math.floor(r)) for r in raw]
-    order = sorted(range(len(sizes)), key=lambda i: -(raw[i] - math.floor(raw[i])))
-    i = 0
-    while sum(steps) < total:
-        steps[order[i % len(order)]] += 1
-        i += 1
-    while sum(steps) > total:
-        j = max(range(len(steps)), key=lambda k: steps[k])
-        steps[j] -= 1
-    return steps
 
 
 class DPITrainer(SFTTrainer):
@@ -232,7 +115,7 @@ class DPITrainer(SFTTrainer):
             args = DPIConfig(**{k: v for k, v in d.items() if k in DPIConfig.__dataclass_fields__})
         self.tasks: dict[str, Dataset] | None = split_tasks(train_dataset, args.task_column)
         if self.tasks is not None and len(self.tasks) == 1:
-            changed = _dpi_fields_changed(args)
+            changed = dpi_fields_changed(args)
             if changed:
                 raise DPIConfigError(
                     f"only one task ({next(iter(self.tasks))!r}) was given but DPI fields are set ({changed}); "
@@ -257,8 +140,8 @@ class DPITrainer(SFTTrainer):
         eval_split = eval_dataset
         if isinstance(eval_dataset, Dataset):  # a task column → one eval set per task, logged as eval_<task>_loss
             eval_split = split_tasks(eval_dataset, args.task_column) or eval_dataset
-        mixture = self._mixture(self.tasks, args.task_column)
-        super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixture,
+        mixed = mixture(self.tasks, args.task_column)
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixed,
                          eval_dataset=eval_split, **kwargs)
         self._task_train = self._tokenized_tasks(kwargs.get("formatting_func"))
         if args.masks_from is not None and args.needs_probes and self._preloaded_cores is None:
@@ -281,9 +164,9 @@ class DPITrainer(SFTTrainer):
         if cores is None:
             raise DPIConfigError(f"masks_from={args.masks_from!r} holds a plan but no {CORES_FILE}.")
         meta = read_cores_metadata(dpi_dir / CORES_FILE)
-        settings = {k: meta[k] for k in _MASK_SETTINGS if k in meta}
+        settings = {k: meta[k] for k in MASK_SETTINGS if k in meta}
         mismatches = [f"{k}: masks {settings[k]!r}, config {getattr(args, k)!r}" for k in settings
-                      if _as_list(settings[k]) != _as_list(getattr(args, k))]
+                      if as_list(settings[k]) != as_list(getattr(args, k))]
         if mismatches and not args.allow_mask_mismatch:
             raise DPIConfigError(
                 f"masks_from={args.masks_from!r} were computed with other core settings than this config's: "
@@ -321,20 +204,11 @@ class DPITrainer(SFTTrainer):
         for name, ds in self.tasks.items():
             if split and len(ds) < 4:
                 raise _split_half_error(name, len(ds))
-            if not any(c in ds.column_names for c in _DATA_COLUMNS):
+            if not any(c in ds.column_names for c in DATA_COLUMNS):
                 raise DPIConfigError(
-                    f"task {name!r} has none of the columns SFT trains on ({_DATA_COLUMNS[:4]}); it has "
+                    f"task {name!r} has none of the columns SFT trains on ({DATA_COLUMNS[:4]}); it has "
                     f"{ds.column_names}."
                 )
-
-    @staticmethod
-    def _mixture(tasks: dict[str, Dataset], task_column: str) -> Dataset:
-        parts = []
-        for name, ds in tasks.items():
-            keep = [c for c in ds.column_names if c in _DATA_COLUMNS]
-            ds = ds.select_columns(keep)
-            parts.append(ds.add_column(task_column, [name] * len(ds)))
-        return concatenate_datasets(parts)
 
     def _tokenized_tasks(self, formatting_func) -> dict[str, Dataset]:
         col = self.args.task_column
@@ -345,7 +219,7 @@ class DPITrainer(SFTTrainer):
             out = {
                 t: self._prepare_dataset(ds, self.processing_class, self.args, self.args.packing, formatting_func,
                                          f"train-{t}")
-                for t, ds in ((t, self._mixture({t: ds}, col).remove_columns(col)) for t, ds in self.tasks.items())
+                for t, ds in ((t, mixture({t: ds}, col).remove_columns(col)) for t, ds in self.tasks.items())
             }
         a = self.args
         split = a.needs_probes and a.masks_from is None and a.probe_reliability == "split_half"
@@ -415,15 +289,7 @@ class DPITrainer(SFTTrainer):
         return settings
 
     def _run_identity(self) -> dict:
-        """Everything that decides the cores, the plan and the trained weights of this run."""
-        a = self.args
-        fp = model_fingerprint(self.model)
-        return {
-            "tasks": {t: {"rows": len(ds), "digest": dataset_digest(ds)} for t, ds in self._task_train.items()},
-            "model_fingerprint": {k: fp[k] for k in ("sha256", "content")},
-            **{k: v for k, v in dpi_settings(a).items()},
-            "budget": {f: getattr(a, f, None) for f in _BUDGET_FIELDS} | {"world_size": a.world_size},
-        }
+        return run_identity(self.args, self._task_train, self.model)
 
     def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
@@ -437,7 +303,7 @@ class DPITrainer(SFTTrainer):
         """Check ``output_dir`` against this run before any work; return (progress, explicit checkpoint or None)."""
         a = self.args
         runs, dpi_dir = self._runs_dir, self._dpi_dir
-        saved_path = runs / "identity.json"
+        saved_path = runs / IDENTITY_FILE
         if resume_from_checkpoint:
             if not saved_path.is_file():
                 raise DPIConfigError(
@@ -445,7 +311,7 @@ class DPITrainer(SFTTrainer):
                     "identity.json); drop resume_from_checkpoint to start fresh."
                 )
             saved = json.loads(saved_path.read_text())
-            changed = _changed_fields(saved, identity)
+            changed = changed_fields(saved, identity)
             if changed:
                 raise DPIConfigError(
                     f"cannot resume the run in {str(a.output_dir)!r}: these settings differ from the interrupted run's: "
@@ -563,7 +429,7 @@ class DPITrainer(SFTTrainer):
         self._restore(theta0)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
                                task_name=label, signal=a.core_signal, keep_importance=n_parts > 1)
-        name = f"probe-{_safe_name(task)}" + (f"-half{half}" if half else "")
+        name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
         t0 = time.perf_counter()
         try:
             out = self._run_phase(self._phase_args(name, True, steps, epochs), part, callbacks=[cb])
@@ -581,7 +447,7 @@ class DPITrainer(SFTTrainer):
         steps, epochs = self._probe_budget()
         n = len(self.tasks)
         for i, task in enumerate(self.tasks):
-            path = self._runs_dir / "probes" / f"{_safe_name(task)}.safetensors"
+            path = self._runs_dir / "probes" / f"{safe_name(task)}.safetensors"
             if resume and path.is_file():
                 saved = load_cores(path, model=self.model)
                 cores[task] = saved[task]
@@ -615,7 +481,7 @@ class DPITrainer(SFTTrainer):
                 save_cores(to_save, path, model=self.model, **self._settings(),
                            phases=[r.to_dict() for r in self.phase_records[first:]])
             self.accelerator.wait_for_everyone()
-            _kill_point(f"after-probe-{task}")
+            kill_point(f"after-probe-{task}")
         return cores, half_cores
 
     def _make_plan(self, cores, reliability: ReliabilityReport | None) -> StagePlan:
@@ -703,7 +569,7 @@ class DPITrainer(SFTTrainer):
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
             save_dpi_artifacts(self._base_output_dir, cores, plan, model=self.model, **artifact)
-        _kill_point("after-plan")
+        kill_point("after-plan")
         self.log({f"dpi/core_size/{t}": float(c) for t, c in plan.core_counts.items()}
                  | {"dpi/num_stages": float(len(plan.stages))})
         if not train_stages:
@@ -736,7 +602,7 @@ class DPITrainer(SFTTrainer):
             checkpoint = self._checkpoint_for(k, explicit, finished, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
                                   callbacks=callbacks, checkpoint=checkpoint)
-            _kill_point(f"after-stage-{k}-train")
+            kill_point(f"after-stage-{k}-train")
             total_loss += out.training_loss * out.global_step
             total_steps += out.global_step
             record = PhaseRecord(kind=STAGE, name=f"stage {k + 1}", tasks=list(stage), steps=out.global_step,
@@ -752,7 +618,7 @@ class DPITrainer(SFTTrainer):
             if self.is_world_process_zero():
                 state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
                 atomic_save_file(state, self._runs_dir / "last-stage.safetensors")
-            _kill_point(f"after-stage-{k}-save")
+            kill_point(f"after-stage-{k}-save")
             finished.append(k)
             self._write_json(self._runs_dir / "progress.json", {
                 "finished_stages": finished, "stages": [r.to_dict() for r in self.phase_records if r.kind == STAGE],
@@ -762,7 +628,7 @@ class DPITrainer(SFTTrainer):
             self._write_json(self._dpi_dir / "forgetting.json", forgetting)
         if self.is_world_process_zero():
             write_model_card(self._base_output_dir, plan, artifact)
-        _kill_point("after-card")
+        kill_point("after-card")
         metrics = {"train_runtime": time.perf_counter() - t_start, "dpi_stages": len(plan.stages)}
         return TrainOutput(total_steps, total_loss / max(total_steps, 1), metrics)
 
@@ -773,18 +639,3 @@ class DPITrainer(SFTTrainer):
             write_model_card(self.args.output_dir, self.plan, self._settings())
 
 
-def _changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'field: saved → current' for every field that differs between two run identities (nested dicts flattened)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_fields(a, b, f"{prefix}{key}.")
-        elif a != b and not (isinstance(a, list) and isinstance(b, tuple) and list(b) == a):
-            out.append(f"{prefix}{key}: {_short(a)} → {_short(b)}")
-    return out
-
-
-def _short(v) -> str:
-    text = json.dumps(v, default=str)
-    return text if len(text) <= 40 else text[:16] + "…" + text[-8:]

@@ -155,7 +155,7 @@ def test_trainer_input_errors(tmp_path, tokenizer, tasks):
     with pytest.raises(DPIConfigError, match="empty"):
         DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path), processing_class=tokenizer,
                    train_dataset={"add": tasks["add"], "none": Dataset.from_list([])})
-    with pytest.raises(DPIConfigError, match="unknown tasks"):
+    with pytest.raises(DPIConfigError, match="stage_groups names unknown task .chat."):
         DPITrainer(tiny_llama(tokenizer), processing_class=tokenizer, train_dataset=tasks,
                    args=dpi_args(tmp_path, staging="given", stage_groups=[["add", "rev"], ["chat"]]))
     with pytest.raises(DPIConfigError, match="at least two tasks"):
