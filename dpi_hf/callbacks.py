@@ -47,14 +47,15 @@ class CoreProbeCallback(TrainerCallback):
         scope: ``"global"`` (default) or ``"per_tensor"``.
         include: parameter-name patterns to consider (default None: every trainable parameter).
         exclude: parameter-name patterns to leave out (default None).
-        reference: θ0 for ``signal="update"`` — a mapping of parameter name → tensor on the CPU, or a path to a
+        reference: θ0 for ``signal="update"`` (unused by the gradient signals) — a mapping of parameter name → tensor on the CPU, or a path to a
             safetensors file/checkpoint directory. Default None: a CPU copy of the trainable parameters is taken when
             training begins. Gradient signals need no reference.
         task_name: the task's name, used as the key when saving (default ``"task"``).
         save_path: if given, the core is saved there with :func:`dpi_hf.save_cores` as soon as it is selected (by the
             main process only).
-        signal: the importance that ranks elements (default ``"update"``): ``"update"`` = |θ − θ0| at the end of
-            training (the paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from
+        signal: the importance that ranks elements (default ``"fisher"``, as DPIConfig's ``core_signal``):
+            ``"update"`` = |θ − θ0| at the end of training (the paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g|
+            over the optimizer steps, read from
             the gradients at ``on_pre_optimizer_step`` (after accumulation and the DDP all-reduce; after clipping
             when ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
         keep_importance: keep a float32 CPU copy of the importance in :attr:`importance` after training (default
@@ -74,7 +75,7 @@ class CoreProbeCallback(TrainerCallback):
         reference=None,
         task_name: str = "task",
         save_path=None,
-        signal: str = "update",
+        signal: str = "fisher",
         keep_importance: bool = False,
     ):
         self.core_fraction = validate_core_fraction(core_fraction)

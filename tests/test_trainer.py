@@ -233,7 +233,8 @@ def test_callbacks_in_a_plain_trainer(tmp_path, tokenizer, tasks):
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     model = tiny_llama(tokenizer)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    probe = CoreProbeCallback(core_fraction=0.02, task_name="add", save_path=tmp_path / "add.safetensors")
+    probe = CoreProbeCallback(core_fraction=0.02, task_name="add", save_path=tmp_path / "add.safetensors",
+                              signal="update")
     Trainer(model=model, args=args, train_dataset=tokenize(tasks["add"]), data_collator=collator,
             callbacks=[probe]).train()
     n = sum(p.numel() for p in model.parameters())
