@@ -239,6 +239,9 @@ def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
     assert "rougeL_proxy" in out and str(run / "dpi" / "scores.json") in out
     scores = json.loads((run / "dpi" / "scores.json").read_text())
     assert scores["tasks"] == ["add", "rev", "upper"] and scores["eval_rows"] == {"add": 4, "rev": 4, "upper": 4}
+    # the probe cost is reported beside the scores: 3 tasks x 2 halves x 2 steps x batch 4
+    assert scores["cost"]["probe"]["examples"] == 48 and scores["cost"]["stage"]["steps"] == 4
+    assert "Training cost: probes 6 runs, 12 steps, 48 examples" in out
     rows = {(r["task"], r["metric"]): r for r in scores["rows"]}
     assert set(rows) == {("add", "nll"), ("add", "rougeL_proxy"), ("rev", "nll"), ("upper", "nll")}
     for r in rows.values():

@@ -233,3 +233,22 @@ def test_config_defaults_are_the_reliable_ones():
     a = DPIConfig("x", use_cpu=True, bf16=False, report_to=[])
     assert (a.core_signal, a.probe_reliability, a.overlap, a.probe_weight_decay) == \
         ("fisher", "split_half", "corrected", 0.0)
+
+
+def test_pure_bf16_updates_warn_about_zeros(caplog):
+    """Pure-bf16 training rounds small updates to 0; a core that must take zeros says so."""
+    import logging
+
+    from dpi_hf import CoreProbeCallback
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    probe = CoreProbeCallback(core_fraction=0.05, signal="update",
+                              reference={n: p.detach().clone() for n, p in lin.named_parameters()})
+    with torch.no_grad():  # an update that survives bf16 rounding on 1% of the elements only
+        lin.weight.view(-1)[:40] += 1.0
+    with caplog.at_level(logging.WARNING, logger="dpi_hf"):
+        core = probe.select(lin)
+    assert core.count() == int(0.05 * (64 * 64 + 64))
+    assert probe.ties["threshold"] == 0.0 and probe.ties["tied_selected"] == core.count() - 40
+    assert "exact zeros" in caplog.text and "float32" in caplog.text

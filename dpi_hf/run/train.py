@@ -209,6 +209,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
         "macro_after": _macro(macro_score, after),
         "plan": plan.to_dict() if plan is not None else None,
         "stage_history": trainer.stage_history,
+        "cost": _cost(trainer.phase_records),
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     atomic_write_text(dpi_dir / SCORES_FILE, json.dumps(scores, indent=2, default=str))
@@ -237,6 +238,12 @@ def format_report(report: RunReport) -> str:
         if s["macro_before"] is not None or s["macro_after"] is not None:
             lines.append(f"macro-average (0-10, score metrics only): {_fmt(s['macro_before'])} -> "
                          f"{_fmt(s['macro_after'])}")
+    cost = s.get("cost") or {}
+    if cost.get("probe", {}).get("phases"):
+        p, t = cost["probe"], cost["stage"]
+        lines += ["", f"Training cost: probes {p['phases']} runs, {p['steps']} steps, {p['examples']} examples, "
+                      f"{p['seconds']:.0f} s; stages {t['phases']}, {t['steps']} steps, {t['examples']} examples, "
+                      f"{t['seconds']:.0f} s."]
     lines += ["", "Artifacts:"]
     width = max(len(k) for k in report.files)
     lines += [f"  {k:<{width}}  {v}" for k, v in report.files.items()]
@@ -244,6 +251,16 @@ def format_report(report: RunReport) -> str:
               f"Next: `dpi-hf inspect {report.output_dir}` (core statistics), `dpi-hf plan {report.output_dir} "
               "--jaccard-threshold 0.3` (re-plan without probing).", "=" * 100]
     return "\n".join(lines)
+
+
+def _cost(records) -> dict:
+    """Probe and stage cost of a run (phases, optimizer steps, training examples, seconds), from its phase records."""
+    out = {}
+    for kind in ("probe", "stage"):
+        rs = [r for r in records if r.kind == kind]
+        out[kind] = {"phases": len(rs), "steps": sum(r.steps for r in rs), "examples": sum(r.examples for r in rs),
+                     "seconds": round(sum(r.seconds for r in rs), 1)}
+    return out
 
 
 def _macro(macro_score, results: dict):
