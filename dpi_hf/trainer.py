@@ -386,12 +386,12 @@ class DPITrainer(SFTTrainer):
         return phase
 
     def _drop_optimizer(self) -> None:
-        # each phase builds its own optimizer and scheduler; accelerate keeps every prepared optimizer in its
-        # registry (and saves them all in checkpoints), so the previous phase's must leave it
+        # each phase builds its own optimizer and scheduler; accelerate keeps every prepared object in its registry
+        # (and saves every registered optimizer in checkpoints), so the previous phase's must leave it:
+        # free_memory() is accelerate's own call for "between two trainings with different optimizers"
         self.optimizer, self.lr_scheduler = None, None
         self._created_lr_scheduler = False
-        self.accelerator._optimizers.clear()
-        self.accelerator._schedulers.clear()
+        self.accelerator.free_memory()
 
     def _run_phase(self, phase_args: DPIConfig, dataset: Dataset, callbacks=(), checkpoint: str | None = None):
         """One ordinary Trainer.train() on ``dataset`` under ``phase_args``, with a fresh optimizer and scheduler."""
