@@ -143,6 +143,15 @@ class DPITrainer(SFTTrainer):
         mixed = mixture(self.tasks, args.task_column)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixed,
                          eval_dataset=eval_split, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            # the engine handles shards (selection, θ0 snapshots, freezing), but the staged run swaps the model
+            # between phases (θ0 restores, last-stage reloads), which has not been verified on sharded models yet:
+            # refuse rather than risk freezing or restoring the wrong elements
+            raise DPIConfigError(
+                "a multi-task DPITrainer run under FSDP or DeepSpeed is not supported yet; run it under DDP "
+                "(`accelerate launch --config_file recipes/accelerate/ddp.yaml`), or use CoreProbeCallback and "
+                "FreezeMaskCallback in your own sharded Trainer runs (they work on local shards; docs/distributed.md)."
+            )
         self._task_train = self._tokenized_tasks(kwargs.get("formatting_func"))
         if args.masks_from is not None and args.needs_probes and self._preloaded_cores is None:
             self._preloaded_cores = self._load_masks(args, self.model)

@@ -120,3 +120,19 @@ def test_masks_without_reliability_need_raw_overlap(tmp_path, tokenizer, tasks):
     ok = _trainer(tmp_path / "c", tokenizer, tasks, masks_from=masks, probe_reliability="none", overlap="raw")
     ok.train()
     assert ok.plan.reliability is None and ok.plan.overlap == "raw"
+
+
+def test_sharded_engines_are_refused_before_training(tmp_path, tokenizer, tasks, monkeypatch):
+    """A multi-task run under FSDP/DeepSpeed stops with one clear error instead of restoring the wrong elements."""
+    from transformers import Trainer
+
+    original = Trainer.__init__
+
+    def fsdp_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.is_fsdp_enabled = True  # what accelerate sets under an FSDP launch config
+
+    monkeypatch.setattr(Trainer, "__init__", fsdp_init)
+    with pytest.raises(DPIConfigError, match="not supported yet.*DDP.*CoreProbeCallback and FreezeMaskCallback"):
+        _trainer(tmp_path, tokenizer, tasks)
+    assert not (tmp_path / "out" / "dpi").exists()
