@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import numpy as np
 from datasets import Dataset
 from trl import SFTConfig
 
-from .artifacts import CORES_FILE, DPI_DIR, PLAN_FILE
+from .artifacts import CORES_FILE, DPI_DIR, PLAN_FILE, load_dpi_artifacts, resolve_masks_source
 from .config import DPIConfig
-from .core import model_fingerprint
-from .core.errors import DPIConfigError
+from .core import model_fingerprint, read_cores_metadata
+from .core.errors import DPIConfigError, FingerprintMismatchError
+
+logger = logging.getLogger(__name__)
 
 RUNS_DIR = "_dpi_runs"
 IDENTITY_FILE = "identity.json"
@@ -122,3 +126,93 @@ def kill_point(name: str) -> None:
     # fault injection for the kill/resume tests: SIGKILL this process at a named point of the run
     if os.environ.get("DPI_HF_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def clear_run_state(output_dir) -> None:
+    """Delete a previous run's DPI state in ``output_dir``: ``_dpi_runs/``, ``dpi/`` and ``stage-*/``."""
+    out = Path(output_dir)
+    shutil.rmtree(out / RUNS_DIR, ignore_errors=True)
+    shutil.rmtree(out / DPI_DIR, ignore_errors=True)
+    for stage_dir in out.glob("stage-*"):
+        if stage_dir.is_dir():
+            shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def resume_state(runs_dir: Path, resume_from_checkpoint, identity: dict) -> tuple[dict, str | None]:
+    """The saved progress of the interrupted run in ``runs_dir`` and the explicit checkpoint (or None), after
+    checking that ``identity`` matches the interrupted run's (an error lists every changed field)."""
+    saved_path = runs_dir / IDENTITY_FILE
+    if not saved_path.is_file():
+        raise DPIConfigError(
+            f"resume_from_checkpoint was given but {str(runs_dir)!r} holds no interrupted DPI run (no "
+            f"{IDENTITY_FILE}); drop resume_from_checkpoint to start fresh."
+        )
+    changed = changed_fields(json.loads(saved_path.read_text()), identity)
+    if changed:
+        raise DPIConfigError(
+            f"cannot resume the run in {str(runs_dir.parent)!r}: these settings differ from the interrupted run's: "
+            f"{'; '.join(changed)}. Restore them to resume, or start fresh with overwrite_output_dir=True "
+            "(deletes that run's DPI state) or another output_dir."
+        )
+    checkpoint = str(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+    progress_path = runs_dir / "progress.json"
+    return (json.loads(progress_path.read_text()) if progress_path.is_file() else {}), checkpoint
+
+
+def check_explicit_checkpoint(explicit: str, runs_dir: Path, pending: list[int]) -> None:
+    """Refuse a ``resume_from_checkpoint`` path that is not a checkpoint of the first unfinished stage."""
+    path = Path(explicit).resolve()
+    runs = runs_dir.resolve()
+    expected = f"{runs}/stage-{pending[0]}/checkpoint-<step>" if pending else "none: every stage is finished"
+    ok = (pending and path.parent == (runs / f"stage-{pending[0]}") and path.name.startswith("checkpoint-")
+          and path.is_dir())
+    if not ok:
+        raise DPIConfigError(
+            f"resume_from_checkpoint={explicit!r} is not a checkpoint of the stage this run continues with; "
+            f"probes keep no checkpoints (a killed probe reruns from θ0) and finished stages are kept. Expected "
+            f"{expected}, or pass resume_from_checkpoint=True to pick the latest checkpoint."
+        )
+
+
+def load_run_masks(args: DPIConfig, model, tasks: list[str]):
+    """Load ``args.masks_from`` for a run, now rather than after hours of training: the masks must exist, fit this
+    model (its weights too, unless ``allow_mask_mismatch``), cover every task, and have been computed with this
+    config's core settings (or ``allow_mask_mismatch`` records that they were not).
+
+    Returns:
+        (cores, source): task → CoreMask, and a dict with the masks' ``path``, their own ``settings`` (recorded in
+        the new artifacts instead of the config's), the ``mismatches`` accepted, ``other_weights`` (the accepted
+        fingerprint mismatch, or None) and their ``reliability`` report (or None).
+    """
+    dpi_dir = resolve_masks_source(args.masks_from)
+    other_weights = None
+    try:
+        cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=True)
+    except FingerprintMismatchError as e:
+        if not args.allow_mask_mismatch or "other weights" not in str(e):
+            raise
+        cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=False)
+        other_weights = str(e).split(":", 1)[0]
+        logger.warning("DPI: allow_mask_mismatch: %s", e)
+    if cores is None:
+        raise DPIConfigError(f"masks_from={args.masks_from!r} holds a plan but no {CORES_FILE}.")
+    meta = read_cores_metadata(dpi_dir / CORES_FILE)
+    settings = {k: meta[k] for k in MASK_SETTINGS if k in meta}
+    mismatches = [f"{k}: masks {settings[k]!r}, config {getattr(args, k)!r}" for k in settings
+                  if as_list(settings[k]) != as_list(getattr(args, k))]
+    if mismatches and not args.allow_mask_mismatch:
+        raise DPIConfigError(
+            f"masks_from={args.masks_from!r} were computed with other core settings than this config's: "
+            f"{'; '.join(mismatches)}. Set the config to the masks' values, re-probe (drop masks_from), or set "
+            "allow_mask_mismatch=True to use them anyway (recorded in plan.json and the card)."
+        )
+    for m in mismatches:
+        logger.warning("DPI: allow_mask_mismatch: masks_from differs from the config in %s", m)
+    reliability = plan.reliability if plan is not None else None
+    if args.staging == "dpi" and args.overlap == "corrected" and reliability is None:
+        raise DPIConfigError(
+            f"overlap='corrected' needs the split-half reliability of the cores, and masks_from={args.masks_from!r} "
+            "has none (probed with probe_reliability='none'); set overlap='raw' or re-probe."
+        )
+    return cores, {"path": str(args.masks_from), "settings": settings, "mismatches": mismatches,
+                   "other_weights": other_weights, "reliability": reliability}

@@ -30,8 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -41,36 +39,29 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 
-from .artifacts import (
-    CORES_FILE,
-    DPI_DIR,
-    atomic_write_text,
-    load_dpi_artifacts,
-    resolve_masks_source,
-    save_dpi_artifacts,
-    write_model_card,
-)
+from .artifacts import DPI_DIR, save_dpi_artifacts, write_model_card
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
 from .core import load_cores, plan_stages, read_cores_metadata, save_cores, select_core
-from .core.errors import DPIConfigError, FingerprintMismatchError, ProbeDivergedError
-from .core.io import atomic_save_file
+from .core.errors import DPIConfigError, ProbeDivergedError
+from .core.io import atomic_save_file, atomic_write_text
 from .core.planning import StagePlan, plan_from_groups
-from .core.sharding import restore_parameters
 from .core.reliability import ReliabilityReport, reliability_report
+from .core.sharding import restore_parameters
 from .core.signals import pool_importance, threshold_ties, tie_warning
 from .multitask import DATA_COLUMNS, allocate_steps, mixture, safe_name, split_tasks  # noqa: F401 (re-exported)
 from .phases import PROBE, STAGE, PhaseRecord, batch_rows
 from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-exported)
     IDENTITY_FILE,
-    MASK_SETTINGS,
     RUNS_DIR,
-    as_list,
-    changed_fields,
+    check_explicit_checkpoint,
     check_output_dir,
+    clear_run_state,
     dpi_fields_changed,
     dpi_settings,
     kill_point,
+    load_run_masks,
+    resume_state,
     run_identity,
 )
 from .utils import check_each_task_once
@@ -157,41 +148,7 @@ class DPITrainer(SFTTrainer):
             self._preloaded_cores = self._load_masks(args, self.model)
 
     def _load_masks(self, args: DPIConfig, model):
-        """Load ``masks_from`` now, not after hours of training: they must exist, fit this model, cover every task,
-        and have been computed with this config's core settings (or ``allow_mask_mismatch`` records that they were
-        not)."""
-        dpi_dir = resolve_masks_source(args.masks_from)
-        other_weights = None
-        try:
-            cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=list(self.tasks), check_content=True)
-        except FingerprintMismatchError as e:
-            if not args.allow_mask_mismatch or "other weights" not in str(e):
-                raise
-            cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=list(self.tasks), check_content=False)
-            other_weights = str(e).split(":", 1)[0]
-            logger.warning("DPI: allow_mask_mismatch: %s", e)
-        if cores is None:
-            raise DPIConfigError(f"masks_from={args.masks_from!r} holds a plan but no {CORES_FILE}.")
-        meta = read_cores_metadata(dpi_dir / CORES_FILE)
-        settings = {k: meta[k] for k in MASK_SETTINGS if k in meta}
-        mismatches = [f"{k}: masks {settings[k]!r}, config {getattr(args, k)!r}" for k in settings
-                      if as_list(settings[k]) != as_list(getattr(args, k))]
-        if mismatches and not args.allow_mask_mismatch:
-            raise DPIConfigError(
-                f"masks_from={args.masks_from!r} were computed with other core settings than this config's: "
-                f"{'; '.join(mismatches)}. Set the config to the masks' values, re-probe (drop masks_from), or set "
-                "allow_mask_mismatch=True to use them anyway (recorded in plan.json and the card)."
-            )
-        for m in mismatches:
-            logger.warning("DPI: allow_mask_mismatch: masks_from differs from the config in %s", m)
-        reliability = plan.reliability if plan is not None else None
-        if args.staging == "dpi" and args.overlap == "corrected" and reliability is None:
-            raise DPIConfigError(
-                f"overlap='corrected' needs the split-half reliability of the cores, and masks_from="
-                f"{args.masks_from!r} has none (probed with probe_reliability='none'); set overlap='raw' or re-probe."
-            )
-        self._mask_source = {"path": str(args.masks_from), "settings": settings, "mismatches": mismatches,
-                             "other_weights": other_weights, "reliability": reliability}
+        cores, self._mask_source = load_run_masks(args, model, list(self.tasks))
         return cores
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -310,67 +267,25 @@ class DPITrainer(SFTTrainer):
     # ----------------------------------------------------------------------------------------------- run state
     def _prepare_run_dir(self, resume_from_checkpoint, identity: dict) -> tuple[dict, str | None]:
         """Check ``output_dir`` against this run before any work; return (progress, explicit checkpoint or None)."""
-        a = self.args
-        runs, dpi_dir = self._runs_dir, self._dpi_dir
-        saved_path = runs / IDENTITY_FILE
         if resume_from_checkpoint:
-            if not saved_path.is_file():
-                raise DPIConfigError(
-                    f"resume_from_checkpoint was given but {str(runs)!r} holds no interrupted DPI run (no "
-                    "identity.json); drop resume_from_checkpoint to start fresh."
-                )
-            saved = json.loads(saved_path.read_text())
-            changed = changed_fields(saved, identity)
-            if changed:
-                raise DPIConfigError(
-                    f"cannot resume the run in {str(a.output_dir)!r}: these settings differ from the interrupted run's: "
-                    f"{'; '.join(changed)}. Restore them to resume, or start fresh with overwrite_output_dir=True "
-                    "(deletes that run's DPI state) or another output_dir."
-                )
-            checkpoint = None
-            if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-                checkpoint = str(resume_from_checkpoint)
-            progress_path = runs / "progress.json"
-            progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {}
-            return progress, checkpoint
-        used = check_output_dir(a, resume=False)
+            return resume_state(self._runs_dir, resume_from_checkpoint, identity)
+        used = check_output_dir(self.args, resume=False)
         if self.is_world_process_zero():
             if used:
-                logger.info("DPI: overwrite_output_dir: deleting the previous run's %s and %s", runs, dpi_dir)
-            shutil.rmtree(runs, ignore_errors=True)  # stale probe/stage checkpoints must never be resumed from
-            shutil.rmtree(dpi_dir, ignore_errors=True)
-            for stage_dir in Path(a.output_dir).glob("stage-*"):
-                if stage_dir.is_dir():
-                    shutil.rmtree(stage_dir, ignore_errors=True)
+                logger.info("DPI: overwrite_output_dir: deleting the previous run's DPI state in %s", self.args.output_dir)
+            clear_run_state(self.args.output_dir)  # stale probe/stage checkpoints must never be resumed from
         self.accelerator.wait_for_everyone()
-        self._write_json(saved_path, identity)
+        self._write_json(self._runs_dir / IDENTITY_FILE, identity)
         self.accelerator.wait_for_everyone()
         return {}, None
 
-    def _checkpoint_for(self, k: int, explicit: str | None, finished: list[int], resume: bool) -> str | None:
+    def _checkpoint_for(self, k: int, explicit: str | None, resume: bool) -> str | None:
         stage_dir = self._runs_dir / f"stage-{k}"
-        if explicit is not None:
-            path = Path(explicit).resolve()
-            if path.parent != stage_dir.resolve():
-                return None
-            return str(path)
+        if explicit is not None and Path(explicit).resolve().parent == stage_dir.resolve():
+            return str(Path(explicit).resolve())
         if resume and stage_dir.is_dir():
             return get_last_checkpoint(str(stage_dir))
         return None
-
-    def _check_explicit_checkpoint(self, explicit: str, plan: StagePlan, finished: list[int]) -> None:
-        path = Path(explicit).resolve()
-        pending = [k for k in range(len(plan.stages)) if k not in finished]
-        runs = self._runs_dir.resolve()
-        expected = f"{runs}/stage-{pending[0]}/checkpoint-<step>" if pending else "none: every stage is finished"
-        ok = (pending and path.parent == (runs / f"stage-{pending[0]}") and path.name.startswith("checkpoint-")
-              and path.is_dir())
-        if not ok:
-            raise DPIConfigError(
-                f"resume_from_checkpoint={explicit!r} is not a checkpoint of the stage this run continues with; "
-                f"probes keep no checkpoints (a killed probe reruns from θ0) and finished stages are kept. Expected "
-                f"{expected}, or pass resume_from_checkpoint=True to pick the latest checkpoint."
-            )
 
     # ----------------------------------------------------------------------------------------------- phases
     def _phase_args(self, name: str, probe: bool, max_steps: int, epochs: float | None) -> DPIConfig:
@@ -574,7 +489,8 @@ class DPITrainer(SFTTrainer):
         logger.info("DPI plan:\n%s", plan.describe())
         self._check_reliability(reliability)
         if explicit is not None:
-            self._check_explicit_checkpoint(explicit, plan, progress.get("finished_stages", []))
+            finished = progress.get("finished_stages", [])
+            check_explicit_checkpoint(explicit, self._runs_dir, [k for k in range(len(plan.stages)) if k not in finished])
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
             save_dpi_artifacts(self._base_output_dir, cores, plan, model=self.model, **artifact)
@@ -608,7 +524,7 @@ class DPITrainer(SFTTrainer):
                 self._task_train[stage[0]]
             callbacks = [FreezeMaskCallback(frozen)] if n_frozen else []
             t0 = time.perf_counter()
-            checkpoint = self._checkpoint_for(k, explicit, finished, resume)
+            checkpoint = self._checkpoint_for(k, explicit, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
                                   callbacks=callbacks, checkpoint=checkpoint)
             kill_point(f"after-stage-{k}-train")
