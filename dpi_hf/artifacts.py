@@ -76,15 +76,21 @@ def plot_overlap(plan: StagePlan, path) -> Path:
     return path
 
 
-def plan_record(plan: StagePlan, model=None, **settings) -> dict:
-    """The JSON content of ``plan.json``: the plan plus settings, fingerprint and versions."""
+def plan_record(plan: StagePlan, model=None, fingerprint=None, **settings) -> dict:
+    """The JSON content of ``plan.json``: the plan plus settings, fingerprint and versions.
+
+    ``fingerprint`` (a :func:`~dpi_hf.core.model_fingerprint` computed beforehand, e.g. on every rank of a sharded
+    model) is used instead of fingerprinting ``model`` again.
+    """
     record = {**plan.to_dict(), **settings, "library_versions": library_versions()}
-    if model is not None:
-        record["model_fingerprint"] = model_fingerprint(model)["sha256"]
+    if fingerprint is None and model is not None:
+        fingerprint = model_fingerprint(model)
+    if fingerprint is not None:
+        record["model_fingerprint"] = fingerprint["sha256"]
     return record
 
 
-def save_dpi_artifacts(output_dir, cores, plan: StagePlan, model=None, **settings) -> Path:
+def save_dpi_artifacts(output_dir, cores, plan: StagePlan, model=None, fingerprint=None, **settings) -> Path:
     """Write ``dpi/cores.safetensors``, ``dpi/plan.json`` and ``dpi/overlap.png`` under ``output_dir``.
 
     Args:
@@ -92,12 +98,14 @@ def save_dpi_artifacts(output_dir, cores, plan: StagePlan, model=None, **setting
         cores: task → CoreMask (may be None for plans that never probed).
         plan: the stage plan.
         model: the model the cores belong to (its fingerprint is stored).
+        fingerprint: that model's fingerprint, computed beforehand (default None: computed from ``model``).
         **settings: stored in plan.json and the cores metadata, e.g. core_fraction, core_scope, staging.
     """
     dpi_dir = Path(output_dir) / DPI_DIR
     if cores:
-        save_cores(cores, dpi_dir / CORES_FILE, model=model, **settings)
-    atomic_write_text(dpi_dir / PLAN_FILE, json.dumps(plan_record(plan, model, **settings), indent=2))
+        fingerprint = fingerprint if fingerprint is not None else (model_fingerprint(model) if model is not None else None)
+        save_cores(cores, dpi_dir / CORES_FILE, **({"fingerprint": fingerprint} if fingerprint else {}), **settings)
+    atomic_write_text(dpi_dir / PLAN_FILE, json.dumps(plan_record(plan, model, fingerprint, **settings), indent=2))
     if len(plan.tasks) > 1 and plan.jaccard:
         plot_overlap(plan, dpi_dir / HEATMAP_FILE)
     return dpi_dir
@@ -169,11 +177,14 @@ def card_section(plan: StagePlan, settings: dict) -> str:
     for k, stage in enumerate(plan.stages):
         cnt = plan.frozen_counts[k] if plan.frozen_counts else 0
         rows.append(f"| {k + 1} | {', '.join(stage)} | {cnt:,} | {100 * plan.frozen_fraction(k) if plan.frozen_counts else 0:.3f} |")
+    probed_only = settings.get("stages_trained") is False
     lines = [
         CARD_SECTION_START,
         "## Dynamic Parameter Isolation (dpi-hf)",
         "",
-        f"Trained with [dpi-hf](https://pypi.org/project/dpi-hf/) (staging `{settings.get('staging', 'dpi')}`, "
+        *(["**Probes and plan only: no stage has been trained yet** (`DPITrainer.probe()` / `dpi-hf probe`); the "
+           "table shows the planned stages.", ""] if probed_only else []),
+        f"{'Planned' if probed_only else 'Trained'} with [dpi-hf](https://pypi.org/project/dpi-hf/) (staging `{settings.get('staging', 'dpi')}`, "
         f"core fraction p = {settings.get('core_fraction')}, Jaccard threshold τ = {plan.jaccard_threshold}, "
         f"scope `{settings.get('core_scope', 'global')}`, signal `{settings.get('core_signal', 'update')}`). Each "
         "task's core region is the p share of parameter elements that matter most to it in a short probe fine-tune "
@@ -190,8 +201,8 @@ def card_section(plan: StagePlan, settings: dict) -> str:
             "",
             f"Core reliability (split-half Jaccard r; two random cores of this size overlap at {rel.random_level:.4f}): "
             + ", ".join(f"{t} {rel.reliability[t]:.3f}" for t in plan.tasks)
-            + f". Tasks were grouped on the {'reliability-corrected' if plan.overlap == 'corrected' else 'raw'} "
-              "overlap.",
+            + (f". Tasks were grouped on the {'reliability-corrected' if plan.overlap == 'corrected' else 'raw'} "
+               "overlap." if settings.get("staging", "dpi") == "dpi" else "."),
         ]
         lines += [f"- **Unreliable core:** {m}" for m in rel.unreliable.values()]
     if settings.get("masks_from"):

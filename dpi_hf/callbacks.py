@@ -23,10 +23,10 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from .core import CoreMask, ParameterFreezer, save_cores, select_core, update_magnitudes
+from .core import CoreMask, ParameterFreezer, model_fingerprint, save_cores, select_core, update_magnitudes
 from .core.errors import DPIConfigError
 from .core.selection import validate_core_fraction, validate_scope
-from .core.sharding import ZeroFreezer, snapshot_parameters  # snapshot_parameters is re-exported (θ0 copies)
+from .core.sharding import snapshot_parameters  # noqa: F401  (re-exported: θ0 copies, local shards only)
 from .core.signals import (
     GRADIENT_SIGNALS,
     ImportanceAccumulator,
@@ -95,6 +95,17 @@ class CoreProbeCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.signal in GRADIENT_SIGNALS:
+            if getattr(args, "fp16", False):
+                raise DPIConfigError(
+                    f"signal={self.signal!r} reads the gradients at on_pre_optimizer_step, where fp16 loss scaling "
+                    "leaves them scaled (and inf on overflow steps); train the probe in bf16 or float32, or use "
+                    "signal='update'."
+                )
+            if _zero3_enabled():
+                raise DPIConfigError(
+                    f"signal={self.signal!r} cannot read gradients under DeepSpeed ZeRO-3 (they live in the engine's "
+                    "partitions and the engine steps inside backward); use signal='update' or DDP/FSDP2."
+                )
             self._accumulator = ImportanceAccumulator(model, self.signal, self.include, self.exclude)
         elif self._owns_reference:
             self.reference = snapshot_parameters(model)
@@ -105,11 +116,13 @@ class CoreProbeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.core = self.select(model)
+        if self.save_path is not None:
+            fingerprint = model_fingerprint(model)  # on every rank: sharded tensors are read with collectives
         if self.save_path is not None and state.is_world_process_zero:
             save_cores(
                 {self.task_name: self.core},
                 self.save_path,
-                model=model,
+                fingerprint=fingerprint,
                 core_fraction=self.core_fraction,
                 scope=self.scope,
                 core_signal=self.signal,
@@ -149,9 +162,9 @@ class FreezeMaskCallback(TrainerCallback):
 
     Attaches a :class:`~dpi_hf.core.ParameterFreezer` when training begins (after the Trainer created its optimizer,
     so the post-step restore hooks the inner torch optimizer even when accelerate wraps it) and detaches it when
-    training ends. Under DeepSpeed ZeRO-3, whose engine owns the optimizer step, a
-    :class:`~dpi_hf.core.sharding.ZeroFreezer` zeroes the frozen gradient entries of each rank's fp32 partition before
-    the step and writes the frozen master values back after it.
+    training ends. Under DeepSpeed ZeRO-3 through the Trainer it refuses to start: the engine steps inside backward,
+    before any callback event, so no callback can zero the frozen gradients in time (the engine-level
+    :class:`~dpi_hf.core.sharding.ZeroFreezer` serves a DeepSpeed loop of your own).
 
     Args:
         frozen: a :class:`CoreMask` over the model's parameter names (e.g. a core, or the union of several).
@@ -161,27 +174,24 @@ class FreezeMaskCallback(TrainerCallback):
         if not isinstance(frozen, CoreMask):
             raise DPIConfigError(f"frozen must be a CoreMask, got {type(frozen).__name__}.")
         self.frozen = frozen
-        self.freezer: ParameterFreezer | ZeroFreezer | None = None
+        self.freezer: ParameterFreezer | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if _zero3_enabled():
-            self.freezer = ZeroFreezer(model, self.frozen)
-        else:
-            self.freezer = ParameterFreezer(model, self.frozen).attach(optimizer)
-            logger.info("FreezeMaskCallback: %s elements frozen", f"{self.freezer.frozen_count:,}")
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if isinstance(self.freezer, ZeroFreezer):
-            self.freezer.zero_frozen_grads()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if isinstance(self.freezer, ZeroFreezer):
-            self.freezer.restore()
+            # accelerate's DeepSpeed wrapper runs engine.step() inside backward, before any callback event, so a
+            # callback cannot zero the frozen gradients before the step: refuse rather than freeze inexactly
+            raise DPIConfigError(
+                "FreezeMaskCallback cannot freeze exactly under DeepSpeed ZeRO-3 through the Trainer (the engine "
+                "steps inside backward, before any callback runs); use DDP or FSDP2, or dpi_hf.core.sharding."
+                "ZeroFreezer in your own DeepSpeed loop (zero_frozen_grads() after backward, restore() after step)."
+            )
+        self.freezer = ParameterFreezer(model, self.frozen).attach(optimizer)
+        logger.info("FreezeMaskCallback: %s elements frozen", f"{self.freezer.frozen_count:,}")
 
     def on_train_end(self, args, state, control, **kwargs):
-        if isinstance(self.freezer, ParameterFreezer):
+        if self.freezer is not None:
             self.freezer.detach()
-        self.freezer = None
+            self.freezer = None
 
 
 def _zero3_enabled() -> bool:

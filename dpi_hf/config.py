@@ -213,6 +213,11 @@ class DPIConfig(SFTConfig):
             )
         if self.strict_reliability and self.probe_reliability != "split_half" and self.masks_from is None:
             raise DPIConfigError("strict_reliability=True needs probe_reliability='split_half' to measure reliability.")
+        if self.fp16 and self.core_signal != "update" and self.needs_probes and self.masks_from is None:
+            raise DPIConfigError(
+                f"core_signal={self.core_signal!r} reads the probes' gradients, which fp16 loss scaling leaves scaled "
+                "(and inf on overflow steps); use bf16 or float32, or core_signal='update'."
+            )
         if not (isinstance(self.probe_weight_decay, (int, float)) and self.probe_weight_decay >= 0):
             raise DPIConfigError(f"probe_weight_decay={self.probe_weight_decay!r} must be a number >= 0.")
         if not (isinstance(self.probe_warmup_steps, int) and self.probe_warmup_steps >= 0):

@@ -26,12 +26,15 @@ class PhaseRecord:
         name: a readable label, e.g. ``"probe gsm8k"``, ``"probe gsm8k (half 2/2)"``, ``"stage 1"``.
         tasks: the tasks it trained on.
         steps: optimizer steps taken.
-        examples: training examples stepped on (rows of every micro-batch, counted at the training step).
+        examples: training examples stepped on, over all data-parallel ranks (rows of every micro-batch, counted at
+            the training step).
         seconds: wall-clock time of the phase.
         train_loss: mean training loss (None when unknown).
         frozen: number of parameter elements kept frozen during the phase (0 for probes).
         half: for split-half probes, which half of the task's rows (1 or 2); None otherwise.
         eval: metrics of the evaluation that followed a stage (None when there was none).
+        resumed_from: the checkpoint a resumed stage continued from (None for a phase run from its start); then
+            ``examples`` and ``train_loss`` cover only the steps run after the resume.
     """
 
     kind: str
@@ -44,6 +47,7 @@ class PhaseRecord:
     frozen: int = 0
     half: int | None = None
     eval: dict[str, float] | None = field(default=None)
+    resumed_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PHASE_KINDS:

@@ -30,9 +30,11 @@ DPI_FIELDS = tuple(f for f in DPIConfig.__dataclass_fields__ if f not in SFTConf
 # fields that change how a run is stored or reported, not which cores, plan or weights it produces
 _BOOKKEEPING_FIELDS = ("task_column", "save_stage_models", "overwrite_output_dir", "allow_mask_mismatch")
 # training arguments that set the budget and optimisation of the stages: part of a run's identity
-_BUDGET_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-                  "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed",
-                  "max_length", "packing", "bf16", "fp16")
+_BUDGET_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
+                  "warmup_steps", "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
+                  "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "seed", "data_seed",
+                  "max_length", "packing", "completion_only_loss", "assistant_only_loss", "neftune_noise_alpha",
+                  "bf16", "fp16")
 
 
 def dpi_fields_changed(args: DPIConfig) -> list[str]:
@@ -92,15 +94,26 @@ def check_output_dir(args: DPIConfig, resume=None) -> bool:
     return used
 
 
-def run_identity(args: DPIConfig, task_train: dict[str, Dataset], model) -> dict:
+def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: dict) -> dict:
     """Everything that decides the cores, the plan and the trained weights of a run: each task's row count and a
     digest of its tokenized rows, the model's architecture and content fingerprint, every DPI field, and the
-    budget and optimisation arguments with the world size."""
-    fp = model_fingerprint(model)
+    budget and optimisation arguments with the world size; with ``masks_from``, a digest of the masks' cores file.
+
+    Args:
+        args: the run's config.
+        task_train: task → its tokenized training rows.
+        fingerprint: the model's :func:`~dpi_hf.core.model_fingerprint`.
+    """
+    fp = fingerprint
+    masks = None
+    if args.masks_from is not None and args.needs_probes:
+        cores_file = resolve_masks_source(args.masks_from) / CORES_FILE
+        masks = hashlib.sha256(cores_file.read_bytes()).hexdigest() if cores_file.is_file() else None
     return {
         "tasks": {t: {"rows": len(ds), "digest": dataset_digest(ds)} for t, ds in task_train.items()},
         "model_fingerprint": {k: fp[k] for k in ("sha256", "content")},
         **dpi_settings(args),
+        "masks_digest": masks,
         "budget": {f: getattr(args, f, None) for f in _BUDGET_FIELDS} | {"world_size": args.world_size},
     }
 
@@ -192,7 +205,11 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
         if not args.allow_mask_mismatch or "other weights" not in str(e):
             raise
         cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=False)
-        other_weights = str(e).split(":", 1)[0]
+        theirs = read_cores_metadata(dpi_dir / CORES_FILE)["fingerprint"]
+        ours = model_fingerprint(model)
+        other_weights = (f"masks from {theirs.get('checkpoint') or 'an unnamed checkpoint'} (content "
+                         f"{str(theirs.get('content'))[:12]}) on {ours.get('checkpoint') or 'an unnamed checkpoint'} "
+                         f"(content {ours['content'][:12]})")
         logger.warning("DPI: allow_mask_mismatch: %s", e)
     if cores is None:
         raise DPIConfigError(f"masks_from={args.masks_from!r} holds a plan but no {CORES_FILE}.")
@@ -209,6 +226,12 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
     for m in mismatches:
         logger.warning("DPI: allow_mask_mismatch: masks_from differs from the config in %s", m)
     reliability = plan.reliability if plan is not None else None
+    if args.strict_reliability and reliability is None:
+        raise DPIConfigError(
+            f"strict_reliability=True needs the split-half reliability of the cores, and masks_from="
+            f"{args.masks_from!r} has none (probed with probe_reliability='none'); re-probe with split_half or set "
+            "strict_reliability=False."
+        )
     if args.staging == "dpi" and args.overlap == "corrected" and reliability is None:
         raise DPIConfigError(
             f"overlap='corrected' needs the split-half reliability of the cores, and masks_from={args.masks_from!r} "

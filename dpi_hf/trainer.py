@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -42,10 +43,10 @@ from trl import SFTTrainer
 from .artifacts import DPI_DIR, save_dpi_artifacts, write_model_card
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
-from .core import load_cores, plan_stages, read_cores_metadata, save_cores, select_core
+from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
 from .core.errors import DPIConfigError, ProbeDivergedError
 from .core.io import atomic_save_file, atomic_write_text
-from .core.planning import StagePlan, plan_from_groups
+from .core.planning import StagePlan, plan_from_groups, reorder_report
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.sharding import restore_parameters
 from .core.signals import pool_importance, threshold_ties, tie_warning
@@ -156,6 +157,11 @@ class DPITrainer(SFTTrainer):
         tasks = list(self.tasks)
         if args.staging == "given":
             check_each_task_once(args.stage_groups, tasks, "stage_groups")
+        by_file: dict[str, str] = {}
+        for t in tasks:  # task names become file and folder names: two must not become the same one
+            other = by_file.setdefault(safe_name(t), t)
+            if other != t:
+                raise DPIConfigError(f"tasks {other!r} and {t!r} both become the file name {safe_name(t)!r}; rename one.")
         if args.max_steps is not None and args.max_steps > 0:
             # the most stages this run can have: known before any probe, so a too-small budget fails now
             k = {"given": len(args.stage_groups or []), "multitask": 1,
@@ -246,6 +252,8 @@ class DPITrainer(SFTTrainer):
 
     def _settings(self) -> dict:
         settings = dpi_settings(self.args)
+        if not self.args.needs_probes:
+            settings["masks_from"] = None  # a run that never uses cores ignores masks_from
         if self._mask_source is not None:  # the masks' own settings, not the config's, describe these cores
             settings.update(self._mask_source["settings"])
             if self._mask_source["mismatches"]:
@@ -255,7 +263,7 @@ class DPITrainer(SFTTrainer):
         return settings
 
     def _run_identity(self) -> dict:
-        return run_identity(self.args, self._task_train, self.model)
+        return run_identity(self.args, self._task_train, self._fingerprint)
 
     def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
@@ -271,9 +279,10 @@ class DPITrainer(SFTTrainer):
             return resume_state(self._runs_dir, resume_from_checkpoint, identity)
         used = check_output_dir(self.args, resume=False)
         if self.is_world_process_zero():
-            if used:
+            if used:  # stale probe/stage checkpoints must never be resumed from
                 logger.info("DPI: overwrite_output_dir: deleting the previous run's DPI state in %s", self.args.output_dir)
-            clear_run_state(self.args.output_dir)  # stale probe/stage checkpoints must never be resumed from
+                clear_run_state(self.args.output_dir)
+            shutil.rmtree(self._runs_dir, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._write_json(self._runs_dir / IDENTITY_FILE, identity)
         self.accelerator.wait_for_everyone()
@@ -319,7 +328,7 @@ class DPITrainer(SFTTrainer):
 
     def _run_phase(self, phase_args: DPIConfig, dataset: Dataset, callbacks=(), checkpoint: str | None = None):
         """One ordinary Trainer.train() on ``dataset`` under ``phase_args``, with a fresh optimizer and scheduler."""
-        base_args, base_batch = self.args, self._train_batch_size
+        base_args, base_batch, base_data = self.args, self._train_batch_size, self.train_dataset
         self.args, self._train_batch_size = phase_args, phase_args.train_batch_size
         self.train_dataset = dataset
         self._drop_optimizer()
@@ -331,12 +340,11 @@ class DPITrainer(SFTTrainer):
         finally:
             for cb in callbacks:
                 self.remove_callback(cb)
-            self.args, self._train_batch_size = base_args, base_batch
+            self.args, self._train_batch_size, self.train_dataset = base_args, base_batch, base_data
             self._drop_optimizer()
 
     def _probe_budget(self):
-        a = self.args
-        return (a.probe_steps, a.probe_epochs) if a.probe_epochs is not None else (a.probe_steps, None)
+        return self.args.probe_steps, self.args.probe_epochs
 
     def _halves(self, task: str) -> list[Dataset]:
         rows = self._task_train[task]
@@ -360,7 +368,8 @@ class DPITrainer(SFTTrainer):
         except ProbeDivergedError as e:
             raise ProbeDivergedError(f"the probe of task {task!r} diverged: {e}") from None
         self.phase_records.append(PhaseRecord(
-            kind=PROBE, name=f"probe {label}", tasks=[task], steps=out.global_step, examples=self._phase_examples,
+            kind=PROBE, name=f"probe {label}", tasks=[task], steps=out.global_step,
+            examples=self._phase_examples * self.args.world_size,
             seconds=time.perf_counter() - t0, train_loss=out.training_loss, half=half))
         return cb
 
@@ -375,8 +384,8 @@ class DPITrainer(SFTTrainer):
             if resume and path.is_file():
                 saved = load_cores(path, model=self.model)
                 cores[task] = saved[task]
-                if "half-1" in saved:
-                    half_cores[task] = (saved["half-1"], saved["half-2"])
+                if f"{task}#half-1" in saved:
+                    half_cores[task] = (saved[f"{task}#half-1"], saved[f"{task}#half-2"])
                 self.phase_records += [PhaseRecord.from_dict(r) for r in read_cores_metadata(path)["phases"]]
                 logger.info("DPI: probe %d/%d %s already done (%s)", i + 1, n, task, path)
                 continue
@@ -400,9 +409,9 @@ class DPITrainer(SFTTrainer):
                     logger.warning(message)
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
-                to_save = {task: cores[task], "half-1": probes[0].core, "half-2": probes[1].core}
+                to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
             if self.is_world_process_zero():
-                save_cores(to_save, path, model=self.model, **self._settings(),
+                save_cores(to_save, path, fingerprint=self._fingerprint, **self._settings(),
                            phases=[r.to_dict() for r in self.phase_records[first:]])
             self.accelerator.wait_for_everyone()
             kill_point(f"after-probe-{task}")
@@ -413,9 +422,8 @@ class DPITrainer(SFTTrainer):
         tasks = list(self.tasks)
         if a.staging == "dpi":
             sizes = {t: len(ds) for t, ds in self._task_train.items()}
-            overlap = a.overlap if reliability is not None or a.overlap == "raw" else "raw"
             plan = plan_stages(cores, a.jaccard_threshold, order=a.stage_order, seed=a.seed, tasks=tasks, sizes=sizes,
-                               reliability=reliability, overlap=overlap)
+                               reliability=reliability, overlap=a.overlap)
             if not a.freezes:  # DPI grouping without isolation (an ablation)
                 plan.freeze = False
                 plan.frozen_counts = [0] * len(plan.stages)
@@ -433,7 +441,7 @@ class DPITrainer(SFTTrainer):
             stages = [shuffled[i::k] for i in range(k)]
         plan = plan_from_groups(cores, stages, tasks=tasks, freeze=a.freezes,
                                 jaccard_threshold=a.jaccard_threshold, stage_order=a.staging)
-        plan.reliability = reliability
+        plan.reliability = reorder_report(reliability, tasks) if reliability is not None else None
         return plan
 
     def _cores_and_reliability(self, theta0, resume: bool):
@@ -474,6 +482,8 @@ class DPITrainer(SFTTrainer):
         self._base_output_dir = a.output_dir
         t_start = time.perf_counter()
         resume = bool(resume_from_checkpoint)
+        # fingerprint once, on every rank: its content digest reads sharded tensors with collectives
+        self._fingerprint = model_fingerprint(self.model)
         identity = self._run_identity()
         progress, explicit = self._prepare_run_dir(resume_from_checkpoint, identity)
         self.phase_records = []
@@ -493,13 +503,13 @@ class DPITrainer(SFTTrainer):
             check_explicit_checkpoint(explicit, self._runs_dir, [k for k in range(len(plan.stages)) if k not in finished])
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
-            save_dpi_artifacts(self._base_output_dir, cores, plan, model=self.model, **artifact)
+            save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
         kill_point("after-plan")
         self.log({f"dpi/core_size/{t}": float(c) for t, c in plan.core_counts.items()}
                  | {"dpi/num_stages": float(len(plan.stages))})
         if not train_stages:
             if self.is_world_process_zero():
-                write_model_card(self._base_output_dir, plan, artifact)
+                write_model_card(self._base_output_dir, plan, {**artifact, "stages_trained": False})
             return TrainOutput(0, 0.0, {"train_runtime": time.perf_counter() - t_start, "dpi_stages": 0})
 
         sizes = [sum(len(self._task_train[t]) for t in s) for s in plan.stages]
@@ -509,7 +519,7 @@ class DPITrainer(SFTTrainer):
         finished = list(progress.get("finished_stages", []))
         self.phase_records += [PhaseRecord.from_dict(r) for r in progress.get("stages", [])]
         if finished:
-            self._restore(load_file(str(self._runs_dir / "last-stage.safetensors")))
+            self._restore(load_file(str(self._runs_dir / f"stage-{max(finished)}.safetensors")))
             logger.info("DPI: resuming after stage %d", max(finished) + 1)
         forgetting = progress.get("forgetting", [])
         total_loss, total_steps = 0.0, 0
@@ -531,8 +541,8 @@ class DPITrainer(SFTTrainer):
             total_loss += out.training_loss * out.global_step
             total_steps += out.global_step
             record = PhaseRecord(kind=STAGE, name=f"stage {k + 1}", tasks=list(stage), steps=out.global_step,
-                                 examples=self._phase_examples, seconds=time.perf_counter() - t0,
-                                 train_loss=out.training_loss, frozen=n_frozen)
+                                 examples=self._phase_examples * a.world_size, seconds=time.perf_counter() - t0,
+                                 train_loss=out.training_loss, frozen=n_frozen, resumed_from=checkpoint)
             if self.eval_dataset is not None:
                 metrics = self.evaluate()
                 record.eval = metrics
@@ -541,13 +551,18 @@ class DPITrainer(SFTTrainer):
             if a.save_stage_models:  # every rank: save_model synchronises the processes itself
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
             if self.is_world_process_zero():
+                # the weights after stage k, under a name of their own: a kill before progress.json records stage k
+                # leaves the previous stage's file (the one a resume restores) intact
                 state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-                atomic_save_file(state, self._runs_dir / "last-stage.safetensors")
+                atomic_save_file(state, self._runs_dir / f"stage-{k}.safetensors")
             kill_point(f"after-stage-{k}-save")
             finished.append(k)
             self._write_json(self._runs_dir / "progress.json", {
                 "finished_stages": finished, "stages": [r.to_dict() for r in self.phase_records if r.kind == STAGE],
                 "forgetting": forgetting})
+            if self.is_world_process_zero():
+                for older in finished[:-1]:
+                    (self._runs_dir / f"stage-{older}.safetensors").unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
         if forgetting:
             self._write_json(self._dpi_dir / "forgetting.json", forgetting)

@@ -65,6 +65,9 @@ def test_plan_groups_on_the_chosen_matrix():
     # a task order other than the report's is reordered, not mixed up
     reordered = plan_stages(cores, 0.5, tasks=["c", "b", "a"], reliability=rep, overlap="corrected")
     assert reordered.groups == [["c"], ["b", "a"]]
+    # a report of more tasks (e.g. from masks_from) is restricted and reordered to the plan's tasks, raw or not
+    sub = plan_stages({"b": cores["b"], "a": cores["a"]}, 0.5, reliability=rep, overlap="raw")
+    assert sub.reliability.tasks == ["b", "a"] and sub.reliability.half_jaccard[0][0] == rep.half_jaccard[1][1]
     with pytest.raises(DPIConfigError, match="split_half"):
         plan_stages(cores, 0.5, overlap="corrected")
     with pytest.raises(DPIConfigError, match="overlap"):
@@ -191,6 +194,8 @@ def test_bad_input_fails_before_training(tmp_path, tokenizer, tasks):
         dpi_args(tmp_path, probe_reliability="bootstrap")
     with pytest.raises(DPIConfigError, match="overlap='corrected' needs probe_reliability='split_half'"):
         dpi_args(tmp_path, probe_reliability="none")
+    with pytest.raises(DPIConfigError, match="fp16 loss scaling"):
+        dpi_args(tmp_path, fp16=True)
     tiny = {t: ds.select(range(3)) for t, ds in tasks.items()}
     with pytest.raises(DPIConfigError, match="at least 2 rows per half"):
         DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, max_steps=3), train_dataset=tiny,

@@ -101,6 +101,19 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference, kill_at)
     assert _artifact_bytes(out) == _artifact_bytes(ref_out)  # cores, plan and card bit-identical
 
 
+def test_kill_between_stage_weights_and_progress_without_checkpoints(tmp_path, reference):
+    """Without Trainer checkpoints a resumed stage restarts from the previous stage's weights, which the kill must
+    not have overwritten: the weights after stage k have a file of their own until progress.json records k."""
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    assert run(str(out), "--no-checkpoints", "--kill-point", "after-stage-1-save").returncode == -9
+    assert json.loads((out / "_dpi_runs" / "progress.json").read_text())["finished_stages"] == [0]
+    resumed = run(str(out), "--no-checkpoints", "--resume", "--report", str(tmp_path / "rep"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert report(tmp_path / "rep")["params"] == ref["params"]
+    assert sorted(p.name for p in (out / "_dpi_runs").glob("stage-*.safetensors")) == ["stage-2.safetensors"]
+
+
 def test_resume_from_an_explicit_checkpoint_path(tmp_path, reference):
     ref_out, ref = reference
     out = tmp_path / "run"

@@ -136,3 +136,31 @@ def test_sharded_engines_are_refused_before_training(tmp_path, tokenizer, tasks,
     with pytest.raises(DPIConfigError, match="not supported yet.*DDP.*CoreProbeCallback and FreezeMaskCallback"):
         _trainer(tmp_path, tokenizer, tasks)
     assert not (tmp_path / "out" / "dpi").exists()
+
+
+def test_callbacks_refuse_what_they_cannot_do_exactly(tmp_path, tokenizer, tasks, monkeypatch):
+    import dpi_hf.callbacks as cb
+    from dpi_hf import CoreMask, CoreProbeCallback, FreezeMaskCallback
+    from dpi_hf.core.errors import DPIConfigError as Err
+
+    model = tiny_llama(tokenizer)
+    frozen = CoreMask.from_dense({n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()})
+    monkeypatch.setattr(cb, "_zero3_enabled", lambda: True)
+    with pytest.raises(Err, match="cannot freeze exactly under DeepSpeed ZeRO-3"):
+        FreezeMaskCallback(frozen).on_train_begin(None, None, None, model=model)
+    with pytest.raises(Err, match="cannot read gradients under DeepSpeed ZeRO-3"):
+        CoreProbeCallback(signal="fisher").on_train_begin(dpi_args(tmp_path), None, None, model=model)
+    monkeypatch.setattr(cb, "_zero3_enabled", lambda: False)
+
+    class FP16:
+        fp16 = True
+
+    with pytest.raises(Err, match="fp16 loss scaling"):
+        CoreProbeCallback(signal="gradsum").on_train_begin(FP16(), None, None, model=model)
+
+
+def test_task_names_that_collide_as_file_names(tmp_path, tokenizer, tasks):
+    clash = {"a b": tasks["add"], "a_b": tasks["rev"]}
+    with pytest.raises(DPIConfigError, match="both become the file name 'a_b'"):
+        DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, max_steps=3), train_dataset=clash,
+                   processing_class=tokenizer)

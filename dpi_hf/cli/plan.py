@@ -29,7 +29,8 @@ def add_parser(subparsers, parents=()):
     plan.add_argument("--overlap", choices=OVERLAPS, default=None,
                       help="matrix τ applies to: the cores' Jaccard (raw) or the reliability-corrected overlap "
                            "(needs a run probed with probe_reliability=split_half); default: the run's")
-    plan.add_argument("--seed", type=int, default=0, help="seed of --order random (default 0)")
+    plan.add_argument("--seed", type=int, default=None,
+                      help="seed of --order random (default: the run's seed, else 0)")
     plan.add_argument("--save", metavar="FILE", default=None,
                       help="also write the new plan as JSON to FILE (the run's own plan.json is never changed)")
     plan.add_argument("--plot", metavar="FILE.png", default=None, help="also draw the overlap heatmap to FILE.png")
@@ -49,7 +50,8 @@ def run(args, _extra) -> int:
     sizes = {t: cores[t].count() for t in tasks}
     reliability = saved.reliability if saved is not None else None
     overlap = args.overlap or (saved.overlap if saved is not None and reliability is not None else "raw")
-    plan = plan_stages(cores, tau, order=order, seed=args.seed, tasks=tasks, sizes=sizes, reliability=reliability,
+    seed = args.seed if args.seed is not None else _run_seed(args.output_dir)
+    plan = plan_stages(cores, tau, order=order, seed=seed, tasks=tasks, sizes=sizes, reliability=reliability,
                        overlap=overlap)
     print(f"Plan from {args.output_dir} (τ = {plan.jaccard_threshold} on the {overlap} overlap, order {order}; "
           f"{len(tasks)} tasks):")
@@ -63,3 +65,13 @@ def run(args, _extra) -> int:
     if args.plot:
         print(f"overlap heatmap written to {plot_overlap(plan, args.plot)}")
     return 0
+
+
+def _run_seed(output_dir) -> int:
+    """The seed the run planned with (``plan.json``'s run identity), or 0 for runs that did not record it."""
+    import json
+
+    from ..artifacts import PLAN_FILE, find_dpi_dir
+
+    record = json.loads((find_dpi_dir(output_dir) / PLAN_FILE).read_text())
+    return int(record.get("run_identity", {}).get("budget", {}).get("seed", 0) or 0)

@@ -318,6 +318,8 @@ def plan_stages(
     tasks = list(tasks) if tasks is not None else list(cores)
     _check_cores(cores, tasks)
     jac = jaccard_matrix(cores, tasks)
+    if reliability is not None:
+        reliability = reorder_report(reliability, tasks)  # the matrices' rows follow the plan's task order
     if overlap not in OVERLAPS:
         raise DPIConfigError(f"overlap={overlap!r} is not one of {OVERLAPS}.")
     grouping = jac
@@ -327,8 +329,6 @@ def plan_stages(
                 "overlap='corrected' needs the split-half reliability of the cores; set probe_reliability="
                 "'split_half' (or overlap='raw')."
             )
-        if list(reliability.tasks) != tasks:
-            reliability = _reorder(reliability, tasks)
         grouping = reliability.corrected_jaccard
     edges = [(tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks))
              if grouping[i][j] >= tau]
@@ -347,7 +347,10 @@ def plan_stages(
     return plan
 
 
-def _reorder(report: ReliabilityReport, tasks: list[str]) -> ReliabilityReport:
+def reorder_report(report: ReliabilityReport, tasks: list[str]) -> ReliabilityReport:
+    """``report`` restricted to ``tasks`` and in their order (e.g. a report loaded with masks of more tasks)."""
+    if list(report.tasks) == list(tasks):
+        return report
     missing = [t for t in tasks if t not in report.tasks]
     if missing:
         raise DPIConfigError(f"the reliability report has no entry for tasks {missing}; probe them with split_half.")

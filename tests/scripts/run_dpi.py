@@ -44,6 +44,7 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--kill-at")
     ap.add_argument("--kill-point")
+    ap.add_argument("--no-checkpoints", action="store_true", help="save_strategy='no' (stages resume from scratch)")
     ap.add_argument("--resume", nargs="?", const=True, default=None)
     ap.add_argument("--report")
     ns = ap.parse_args()
@@ -58,6 +59,8 @@ def main():
                      save_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
                      max_length=64, seed=0, disable_tqdm=True, save_stage_models=True, weight_decay=0.1,
                      overlap="raw")  # τ = 1 on the raw Jaccard: one stage per task, whatever the cores
+    if ns.no_checkpoints:
+        args.save_strategy = "no"
     callbacks = [ReportStart()]
     if ns.kill_at:
         phase, step = ns.kill_at.split(":")
