@@ -16,7 +16,9 @@ def add_parser(subparsers, parents=()):
         help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
         usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
         description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
-                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from.",
+                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from. A "
+                    "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
+                    "fields are probed.",
     )
     probe.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="the recipe file, e.g. recipes/quickstart.yaml")
     return probe
@@ -31,6 +33,8 @@ def run(args, overrides: list[str]) -> int:
     if not args.recipe:
         raise DPIConfigError("no recipe given; run e.g. `dpi-hf probe recipes/quickstart.yaml`.")
     raw = read_recipe(args.recipe, overrides)
+    for section in ("compare", "sweep"):  # a comparison recipe: its tasks and training fields are what is probed
+        raw.pop(section, None)
     prepare_raw(raw)
     recipe = Recipe.from_dict(raw, source=args.recipe)
     if len(recipe.tasks) < 2:
