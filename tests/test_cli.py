@@ -275,6 +275,8 @@ def test_probe_writes_the_plan_and_trains_nothing(capsys, tmp_path, tiny_model_d
     assert rc == 0 and "on the corrected overlap" in out and "split-half reliability" in out
     rc, out, _ = _run(capsys, "plan", run, "--overlap", "raw")
     assert rc == 0 and "on the raw overlap" in out
+    rc, out, _ = _run(capsys, "inspect", run, "--no-plots")
+    assert rc == 0 and "split-half reliability r" in out and "reliability-corrected overlap" in out
     # a second probe into the same output_dir is refused until overwrite_output_dir says so
     rc, _, err = _run(capsys, "probe", path)
     _assert_one_line_error(rc, err, "already holds a DPI run", "overwrite_output_dir")
