@@ -268,3 +268,17 @@ def test_diverged_probe_names_the_task(tmp_path, tokenizer, tasks):
         trainer.train()
     assert not (tmp_path / "out" / "dpi" / "cores.safetensors").exists()
     assert not (tmp_path / "out" / "README.md").exists()
+
+
+def test_dpi_with_one_group_trains_exactly_what_multitask_trains(tmp_path, tokenizer, tasks):
+    """When the plan is one stage (all tasks overlap above τ), DPI's training is the multitask baseline's, bit for
+    bit: the probes are extra cost, never a different training run."""
+    dpi = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "d", jaccard_threshold=0.0, max_steps=4),
+                     train_dataset=tasks, processing_class=tokenizer)
+    dpi.train()
+    mt = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path / "m", staging="multitask", max_steps=4),
+                    train_dataset=tasks, processing_class=tokenizer)
+    mt.train()
+    assert dpi.plan.stages == mt.plan.stages == [["add", "rev", "upper"]]
+    for (n, p), (_, q) in zip(dpi.model.named_parameters(), mt.model.named_parameters()):
+        assert torch.equal(p, q), n
