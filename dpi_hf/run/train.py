@@ -249,7 +249,7 @@ def format_report(report: RunReport) -> str:
     lines += [f"  {k:<{width}}  {v}" for k, v in report.files.items()]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["timings"].items()),
               f"Next: `dpi-hf inspect {report.output_dir}` (core statistics), `dpi-hf plan {report.output_dir} "
-              "--jaccard-threshold 0.3` (re-plan without probing).", "=" * 100]
+              "--jaccard-threshold TAU` (re-plan without probing).", "=" * 100]
     return "\n".join(lines)
 
 
