@@ -29,6 +29,7 @@ from dpi_hf.core import select_core, update_magnitudes
 from dpi_hf.core.reliability import reliability_report
 from dpi_hf.core.signals import GRADIENT_SIGNALS, SIGNALS, ImportanceAccumulator
 from dpi_hf.data import load_tasks
+from dpi_hf.multitask import split_halves
 from dpi_hf.quickstart import load_model_and_tokenizer
 from dpi_hf.recipes import Recipe, read_recipe
 
@@ -107,14 +108,12 @@ def main() -> None:
     last = max(ns.steps)
     halves: dict[str, list[MultiSignalProbe]] = {}
     for task, rows in data.items():
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(ns.seed)).tolist()
-        mid = len(rows) // 2
         halves[task] = []
-        for h, idx in enumerate((order[:mid], order[mid:])):
+        for h, half_rows in enumerate(split_halves(rows, ns.seed)):  # the halves DPITrainer's probes use
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     p.copy_(theta0[n])
-            print(f"[sweep] {task} half {h + 1}/2: {last} steps on {len(idx)} rows", flush=True)
+            print(f"[sweep] {task} half {h + 1}/2: {last} steps on {len(half_rows)} rows", flush=True)
             probe = MultiSignalProbe(model, theta0, ns.core_fraction, ns.steps)
             args = SFTConfig(output_dir=str(out / "tmp"), max_steps=last, per_device_train_batch_size=ns.batch_size,
                              learning_rate=ns.learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
@@ -122,7 +121,7 @@ def main() -> None:
                              logging_steps=max(1, last // 4), use_cpu=True, bf16=False,
                              activation_checkpointing=False, seed=ns.seed + h, disable_tqdm=True,
                              dataset_num_proc=None)
-            trainer = SFTTrainer(model, args=args, train_dataset=rows.select(sorted(idx)), processing_class=tok,
+            trainer = SFTTrainer(model, args=args, train_dataset=half_rows, processing_class=tok,
                                  callbacks=[probe])
             trainer.train()
             for a in probe.acc.values():

@@ -239,3 +239,8 @@ class DPIConfig(SFTConfig):
     def needs_probes(self) -> bool:
         """Whether this run needs the tasks' cores (to plan or to freeze)."""
         return self.staging == "dpi" or self.freezes
+
+    @property
+    def probes_split_half(self) -> bool:
+        """Whether this run probes each task on two halves of its rows (it probes, and does so split-half)."""
+        return self.needs_probes and self.masks_from is None and self.probe_reliability == "split_half"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import re
 
+import torch
+
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from .core.errors import DPIConfigError
@@ -72,3 +74,10 @@ def allocate_steps(total: int, sizes: list[int]) -> list[int]:
         j = max(range(len(steps)), key=lambda k: steps[k])
         steps[j] -= 1
     return steps
+
+
+def split_halves(rows: Dataset, seed: int) -> list[Dataset]:
+    """Two disjoint halves of ``rows`` (a seeded permutation, each half kept in row order) for split-half probes."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    mid = len(rows) // 2
+    return [rows.select(sorted(order[:mid])), rows.select(sorted(order[mid:]))]

@@ -63,7 +63,7 @@ def dataset_digest(ds: Dataset) -> str:
 
 # the settings a cores file records that decide which elements its cores hold
 MASK_SETTINGS = ("core_fraction", "core_scope", "core_include", "core_exclude", "core_signal", "probe_reliability",
-                  "probe_steps", "probe_epochs", "probe_learning_rate")
+                 "probe_steps", "probe_epochs", "probe_learning_rate")
 
 
 def as_list(v):
@@ -94,7 +94,8 @@ def check_output_dir(args: DPIConfig, resume=None) -> bool:
     return used
 
 
-def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: dict) -> dict:
+def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: dict,
+                 masks_digest: str | None = None) -> dict:
     """Everything that decides the cores, the plan and the trained weights of a run: each task's row count and a
     digest of its tokenized rows, the model's architecture and content fingerprint, every DPI field, and the
     budget and optimisation arguments with the world size; with ``masks_from``, a digest of the masks' cores file.
@@ -103,17 +104,15 @@ def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: d
         args: the run's config.
         task_train: task → its tokenized training rows.
         fingerprint: the model's :func:`~dpi_hf.core.model_fingerprint`.
+        masks_digest: sha256 of the ``masks_from`` cores file the run uses (the ``digest`` of
+            :func:`load_run_masks`' source), or None.
     """
     fp = fingerprint
-    masks = None
-    if args.masks_from is not None and args.needs_probes:
-        cores_file = resolve_masks_source(args.masks_from) / CORES_FILE
-        masks = hashlib.sha256(cores_file.read_bytes()).hexdigest() if cores_file.is_file() else None
     return {
         "tasks": {t: {"rows": len(ds), "digest": dataset_digest(ds)} for t, ds in task_train.items()},
         "model_fingerprint": {k: fp[k] for k in ("sha256", "content")},
         **dpi_settings(args),
-        "masks_digest": masks,
+        "masks_digest": masks_digest,
         "budget": {f: getattr(args, f, None) for f in _BUDGET_FIELDS} | {"world_size": args.world_size},
     }
 
@@ -193,7 +192,8 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
     config's core settings (or ``allow_mask_mismatch`` records that they were not).
 
     Returns:
-        (cores, source): task → CoreMask, and a dict with the masks' ``path``, their own ``settings`` (recorded in
+        (cores, source): task → CoreMask, and a dict with the masks' ``path``, the sha256 ``digest`` of their cores
+        file, their own ``settings`` (recorded in
         the new artifacts instead of the config's), the ``mismatches`` accepted, ``other_weights`` (the accepted
         fingerprint mismatch, or None) and their ``reliability`` report (or None).
     """
@@ -237,5 +237,6 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
             f"overlap='corrected' needs the split-half reliability of the cores, and masks_from={args.masks_from!r} "
             "has none (probed with probe_reliability='none'); set overlap='raw' or re-probe."
         )
-    return cores, {"path": str(args.masks_from), "settings": settings, "mismatches": mismatches,
+    digest = hashlib.sha256((dpi_dir / CORES_FILE).read_bytes()).hexdigest()
+    return cores, {"path": str(args.masks_from), "digest": digest, "settings": settings, "mismatches": mismatches,
                    "other_weights": other_weights, "reliability": reliability}

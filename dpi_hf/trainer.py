@@ -50,7 +50,14 @@ from .core.planning import StagePlan, plan_from_groups, reorder_report
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.sharding import restore_parameters
 from .core.signals import pool_importance, threshold_ties, tie_warning
-from .multitask import DATA_COLUMNS, allocate_steps, mixture, safe_name, split_tasks  # noqa: F401 (re-exported)
+from .multitask import (  # noqa: F401  (split_tasks and allocate_steps are re-exported)
+    DATA_COLUMNS,
+    allocate_steps,
+    mixture,
+    safe_name,
+    split_halves,
+    split_tasks,
+)
 from .phases import PROBE, STAGE, PhaseRecord, batch_rows
 from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-exported)
     IDENTITY_FILE,
@@ -172,9 +179,8 @@ class DPITrainer(SFTTrainer):
                     f"{' if every task gets its own stage' if args.staging == 'dpi' else ''}); every stage needs at "
                     "least one step: raise max_steps."
                 )
-        split = args.needs_probes and args.masks_from is None and args.probe_reliability == "split_half"
         for name, ds in self.tasks.items():
-            if split and len(ds) < 4:
+            if args.probes_split_half and len(ds) < 4:
                 raise _split_half_error(name, len(ds))
             if not any(c in ds.column_names for c in DATA_COLUMNS):
                 raise DPIConfigError(
@@ -193,14 +199,12 @@ class DPITrainer(SFTTrainer):
                                          f"train-{t}")
                 for t, ds in ((t, mixture({t: ds}, col).remove_columns(col)) for t, ds in self.tasks.items())
             }
-        a = self.args
-        split = a.needs_probes and a.masks_from is None and a.probe_reliability == "split_half"
         for t, ds in out.items():
             if len(ds) == 0:
                 raise DPIConfigError(
                     f"task {t!r} has no usable example after tokenization (all truncated away?); raise max_length."
                 )
-            if split and len(ds) < 4:
+            if self.args.probes_split_half and len(ds) < 4:  # again: tokenization may drop rows
                 raise _split_half_error(t, len(ds))
         return out
 
@@ -263,7 +267,8 @@ class DPITrainer(SFTTrainer):
         return settings
 
     def _run_identity(self) -> dict:
-        return run_identity(self.args, self._task_train, self._fingerprint)
+        digest = self._mask_source["digest"] if self._mask_source is not None else None
+        return run_identity(self.args, self._task_train, self._fingerprint, digest)
 
     def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
@@ -343,20 +348,13 @@ class DPITrainer(SFTTrainer):
             self.args, self._train_batch_size, self.train_dataset = base_args, base_batch, base_data
             self._drop_optimizer()
 
-    def _probe_budget(self):
-        return self.args.probe_steps, self.args.probe_epochs
-
     def _halves(self, task: str) -> list[Dataset]:
         rows = self._task_train[task]
-        if self.args.probe_reliability != "split_half":
-            return [rows]
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.args.seed)).tolist()
-        mid = len(rows) // 2
-        return [rows.select(sorted(order[:mid])), rows.select(sorted(order[mid:]))]
+        return split_halves(rows, self.args.seed) if self.args.probes_split_half else [rows]
 
     def _probe_one(self, task: str, part: Dataset, theta0, half: int | None, n_parts: int) -> CoreProbeCallback:
         a = self.args
-        steps, epochs = self._probe_budget()
+        steps, epochs = a.probe_steps, a.probe_epochs
         label = f"{task} (half {half}/{n_parts})" if half else task
         self._restore(theta0)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
@@ -377,7 +375,7 @@ class DPITrainer(SFTTrainer):
         """Every task's core (and, with split-half probes, its two half-cores)."""
         a = self.args
         cores, half_cores = {}, {}
-        steps, epochs = self._probe_budget()
+        steps, epochs = a.probe_steps, a.probe_epochs
         n = len(self.tasks)
         for i, task in enumerate(self.tasks):
             path = self._runs_dir / "probes" / f"{safe_name(task)}.safetensors"
@@ -400,7 +398,7 @@ class DPITrainer(SFTTrainer):
                 cores[task] = probes[0].core
                 to_save = {task: cores[task]}
             else:
-                pooled = pool_importance(p.importance for p in probes)
+                pooled = pool_importance([p.importance for p in probes], inplace=True)  # the probes' own copies
                 for p in probes:
                     p.importance = None
                 cores[task] = select_core(pooled, a.core_fraction, scope=a.core_scope)
@@ -487,13 +485,15 @@ class DPITrainer(SFTTrainer):
         identity = self._run_identity()
         progress, explicit = self._prepare_run_dir(resume_from_checkpoint, identity)
         self.phase_records = []
-        theta0 = snapshot_parameters(self.model)
 
+        cores, reliability = None, None
         if a.needs_probes:
+            # θ0 only when probes will run from it: a model-sized CPU copy for nothing otherwise
+            theta0 = snapshot_parameters(self.model) if self._preloaded_cores is None else None
             cores, reliability = self._cores_and_reliability(theta0, resume)
-        else:
-            cores, reliability = None, None
-        self._restore(theta0)
+            if theta0 is not None:
+                self._restore(theta0)
+                del theta0
         plan = self._make_plan(cores, reliability)
         self.cores, self.plan = cores, plan
         logger.info("DPI plan:\n%s", plan.describe())

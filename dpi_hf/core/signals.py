@@ -124,8 +124,14 @@ def cpu_copy(importance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: importance[n].detach().to("cpu", torch.float32, copy=True) for n in importance}
 
 
-def pool_importance(parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise sum of several importance mappings over the same parameters (e.g. the two halves of a probe)."""
+def pool_importance(parts: Iterable[Mapping[str, torch.Tensor]], inplace: bool = False) -> dict[str, torch.Tensor]:
+    """Element-wise sum of several importance mappings over the same parameters (e.g. the two halves of a probe).
+
+    Args:
+        parts: the mappings name → non-negative tensor.
+        inplace: add into the first mapping's tensors instead of new ones (default False); they must be float32 CPU
+            tensors the caller owns (e.g. :func:`cpu_copy` results), and it saves a model-sized copy.
+    """
     parts = list(parts)
     if not parts:
         raise DPIConfigError("pool_importance needs at least one importance mapping.")
@@ -135,7 +141,8 @@ def pool_importance(parts: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, to
             raise DPIConfigError("the importance mappings to pool cover different parameters; probe the same model.")
     out = {}
     for n in names:
-        acc = parts[0][n].detach().to("cpu", torch.float32, copy=True)
+        first = parts[0][n].detach()
+        acc = first if inplace else first.to("cpu", torch.float32, copy=True)
         for other in parts[1:]:
             acc.add_(other[n].detach().to("cpu", torch.float32))
         out[n] = acc
