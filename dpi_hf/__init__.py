@@ -32,6 +32,7 @@ _LAZY = {
     "FreezeMaskCallback": "dpi_hf.callbacks",
     "save_dpi_artifacts": "dpi_hf.artifacts",
     "load_dpi_artifacts": "dpi_hf.artifacts",
+    "probe_cores": "dpi_hf.protection",
 }
 
 

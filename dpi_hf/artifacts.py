@@ -6,6 +6,7 @@ Layout inside a run's ``output_dir`` (and a Hub repo pushed from it)::
     dpi/plan.json           tasks, stages, groups, jaccard, core_fraction, jaccard_threshold, core_scope,
                             frozen counts per stage, model fingerprint, library versions
     dpi/overlap.png         Jaccard heatmap of the cores
+    dpi/protected.json      with protect_cores_from: the cores kept frozen, their source and digest
     README.md               model card with a ``dpi:`` metadata block and a readable section
 """
 
@@ -23,6 +24,7 @@ DPI_DIR = "dpi"
 CORES_FILE = "cores.safetensors"
 PLAN_FILE = "plan.json"
 HEATMAP_FILE = "overlap.png"
+PROTECTED_FILE = "protected.json"
 CARD_SECTION_START = "<!-- dpi-hf:start -->"
 CARD_SECTION_END = "<!-- dpi-hf:end -->"
 
@@ -168,8 +170,45 @@ def load_dpi_artifacts(path, model=None, tasks=None, check_content: bool = False
     return cores, plan
 
 
-def card_section(plan: StagePlan, settings: dict) -> str:
-    """Markdown section describing the DPI run, for the model card."""
+def protection_lines(protected: dict) -> list[str]:
+    """Card lines saying which cores stayed frozen through the whole training, and from where."""
+    lines = [
+        f"Protected cores: the cores of {', '.join(f'`{t}`' for t in protected['tasks'])} from "
+        f"`{protected['source']}` stayed frozen bit for bit for the whole training ({protected['elements']:,} "
+        f"elements, {100 * protected.get('fraction', 0.0):.3f}% of the parameters; cores file sha256 "
+        f"`{protected['digest'][:12]}`, signal `{protected.get('settings', {}).get('core_signal', 'update')}`, "
+        f"p = {protected.get('settings', {}).get('core_fraction')}).",
+    ]
+    if protected.get("reliability"):
+        lines[0] += " Their split-half reliability r: " + ", ".join(
+            f"{t} {r:.3f}" for t, r in protected["reliability"].items()) + "."
+    if protected.get("other_weights"):
+        lines.append(f"- **Accepted with allow_mask_mismatch:** protected cores computed on other weights: "
+                     f"{protected['other_weights']}")
+    return lines
+
+
+def protection_section(protected: dict) -> str:
+    """Markdown section of a single-dataset run (SFT) that kept another artifact's cores frozen."""
+    return "\n".join([
+        CARD_SECTION_START,
+        "## Protected cores (dpi-hf)",
+        "",
+        "Fine-tuned with [dpi-hf](https://pypi.org/project/dpi-hf/) as plain SFT on one dataset, with the core "
+        "regions of earlier skills frozen so that the new training cannot overwrite them.",
+        "",
+        *protection_lines(protected),
+        "",
+        "What was protected: `dpi/protected.json`.",
+        CARD_SECTION_END,
+    ])
+
+
+def card_section(plan: StagePlan | None, settings: dict) -> str:
+    """Markdown section describing the DPI run, for the model card (``plan`` None: a protected single-dataset run,
+    described by ``settings["protected"]``)."""
+    if plan is None:
+        return protection_section(settings["protected"])
     rows = [
         "| stage | tasks | frozen elements | frozen % |",
         "|---|---|---|---|",
@@ -211,14 +250,18 @@ def card_section(plan: StagePlan, settings: dict) -> str:
                           ("masks_mismatch", "computed with other core settings")):
             if settings.get(key):
                 lines.append(f"- **Accepted with allow_mask_mismatch:** masks {what}: {settings[key]}")
+    if settings.get("protected"):
+        lines += ["", *protection_lines(settings["protected"])]
     if len(plan.tasks) > 1 and plan.jaccard:
         lines += ["", f"![core overlap]({DPI_DIR}/{HEATMAP_FILE})"]
     lines.append(CARD_SECTION_END)
     return "\n".join(lines)
 
 
-def write_model_card(output_dir, plan: StagePlan, settings: dict) -> Path:
-    """Add (or replace) the DPI section and the ``dpi:`` metadata block in ``output_dir/README.md``."""
+def write_model_card(output_dir, plan: StagePlan | None, settings: dict) -> Path:
+    """Add (or replace) the DPI section and the ``dpi:`` metadata block in ``output_dir/README.md``.
+
+    ``plan`` is None for a single-dataset run with protected cores (``settings["protected"]`` describes them)."""
     from huggingface_hub import ModelCard
 
     path = Path(output_dir) / "README.md"
@@ -226,16 +269,24 @@ def write_model_card(output_dir, plan: StagePlan, settings: dict) -> Path:
         card = ModelCard.load(path)
     else:
         card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).name}\n")
-    card.data.dpi = {
-        "tasks": plan.tasks,
-        "stages": plan.stages,
-        "jaccard_threshold": plan.jaccard_threshold,
-        "overlap": plan.overlap,
-        "frozen_counts": plan.frozen_counts,
-        **({"reliability": plan.reliability.reliability, "random_level": plan.reliability.random_level,
-            "unreliable_tasks": sorted(plan.reliability.unreliable)} if plan.reliability is not None else {}),
-        **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))},
-    }
+    protected = settings.get("protected")
+    protected_meta = {"protected": {k: protected[k] for k in ("source", "tasks", "elements", "digest")}} \
+        if protected else {}
+    if plan is None:
+        card.data.dpi = {**protected_meta,
+                         **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    else:
+        card.data.dpi = {
+            "tasks": plan.tasks,
+            "stages": plan.stages,
+            "jaccard_threshold": plan.jaccard_threshold,
+            "overlap": plan.overlap,
+            "frozen_counts": plan.frozen_counts,
+            **({"reliability": plan.reliability.reliability, "random_level": plan.reliability.random_level,
+                "unreliable_tasks": sorted(plan.reliability.unreliable)} if plan.reliability is not None else {}),
+            **{k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            **protected_meta,
+        }
     tags = list(card.data.tags or [])
     for tag in ("dpi-hf", "dynamic-parameter-isolation"):
         if tag not in tags:

@@ -60,6 +60,9 @@ class CoreProbeCallback(TrainerCallback):
             when ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
         keep_importance: keep a float32 CPU copy of the importance in :attr:`importance` after training (default
             False), e.g. to pool the importance of several probes.
+        update_weights: let the optimizer step (default True). False (gradient signals only): the gradients are
+            accumulated and then dropped before every optimizer step, so the run reads the importance at the current
+            weights and never moves them (the optimizer skips parameters without a gradient, weight decay included).
 
     After training, :attr:`core` holds the :class:`CoreMask` and :attr:`ties` the threshold tie report (see
     :func:`dpi_hf.core.signals.threshold_ties`); a warning is logged when the threshold falls among exact zeros or
@@ -77,6 +80,7 @@ class CoreProbeCallback(TrainerCallback):
         save_path=None,
         signal: str = "fisher",
         keep_importance: bool = False,
+        update_weights: bool = True,
     ):
         self.core_fraction = validate_core_fraction(core_fraction)
         self.scope = validate_scope(scope)
@@ -88,6 +92,12 @@ class CoreProbeCallback(TrainerCallback):
         self.task_name = task_name
         self.save_path = save_path
         self.keep_importance = keep_importance
+        if not update_weights and self.signal not in GRADIENT_SIGNALS:
+            raise DPIConfigError(
+                f"update_weights=False takes no optimizer step, so signal={self.signal!r} (|θ − θ0|) would be zero "
+                "everywhere; use signal='fisher' or 'gradsum', or update_weights=True."
+            )
+        self.update_weights = update_weights
         self.core: CoreMask | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.ties: dict | None = None
@@ -110,9 +120,13 @@ class CoreProbeCallback(TrainerCallback):
         elif self._owns_reference:
             self.reference = snapshot_parameters(model)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self._accumulator is not None:
             self._accumulator.accumulate()
+        if not self.update_weights:
+            # no gradient, no step: torch optimizers skip parameters whose .grad is None (their weight decay too)
+            for p in model.parameters():
+                p.grad = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.core = self.select(model)

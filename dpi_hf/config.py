@@ -96,11 +96,26 @@ class DPIConfig(SFTConfig):
             Learning-rate schedule of the probes (a probe that decays to 0 weighs its last steps less).
         probe_batch_size (`int` or `None`, defaults to `None`):
             Per-device batch size of the probes; `None` uses `per_device_train_batch_size`.
+        probe_updates_weights (`bool`, defaults to `True`):
+            Whether the probes take optimizer steps (a short fine-tune). `False`, with a gradient `core_signal`
+            (`"fisher"` or `"gradsum"`): each probe accumulates the gradients of `probe_steps` batches at the current
+            weights and never steps, so the model does not move, no θ0 copy is kept and no optimizer state is built.
+            Measured on SmolLM2-135M, Σ g² at the current weights is about as reproducible as Σ g² over a probe
+            fine-tune of the same length (docs/results.md, "Protecting what a model already knows").
+        protect_cores_from (`str` or `None`, defaults to `None`):
+            A directory (a run's `output_dir` or its `dpi/` folder, e.g. from `probe_cores` or `dpi-hf probe`) or a
+            Hub repo id whose cores stay frozen, bit-exact, for the whole training: with one dataset DPITrainer is
+            SFTTrainer plus this protection; with several tasks the protected elements are frozen in every stage, on
+            top of the earlier stages' cores (probes still measure the tasks unfrozen). The cores must have been
+            computed on this model's weights (the fingerprint and content check; `allow_mask_mismatch` accepts
+            other weights of the same architecture and records it).
+        protect_tasks (`list[str]` or `None`, defaults to `None`):
+            The cores of `protect_cores_from` to protect, by task name; `None` protects all of them.
         overwrite_output_dir (`bool`, defaults to `False`):
             A fresh (not resumed) multi-task run in an `output_dir` that holds another run's DPI state stops with an
             error unless this is True; then that state (probe and stage checkpoints, cores, plan) is deleted first.
         allow_mask_mismatch (`bool`, defaults to `False`):
-            Accept `masks_from` masks computed on other weights of the same architecture (e.g. a base model's masks on
+            Accept `masks_from` (and `protect_cores_from`) masks computed on other weights of the same architecture (e.g. a base model's masks on
             its chat variant) or with other core settings; the mismatch is recorded in `plan.json` and the card.
     """
 
@@ -167,6 +182,16 @@ class DPIConfig(SFTConfig):
     probe_batch_size: int | None = field(
         default=None, metadata={"help": "Per-device batch size of the probes (default: per_device_train_batch_size)."}
     )
+    probe_updates_weights: bool = field(
+        default=True,
+        metadata={"help": "Probes take optimizer steps; False: gradient signals at the current weights, no step."},
+    )
+    protect_cores_from: str | None = field(
+        default=None, metadata={"help": "Directory or Hub repo id whose cores stay frozen for the whole training."}
+    )
+    protect_tasks: list[str] | None = field(
+        default=None, metadata={"help": "Cores of protect_cores_from to protect, by task (default: all)."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete another run's DPI state in output_dir before a fresh run."}
     )
@@ -225,6 +250,31 @@ class DPIConfig(SFTConfig):
         if self.probe_batch_size is not None and not (isinstance(self.probe_batch_size, int)
                                                       and self.probe_batch_size >= 1):
             raise DPIConfigError(f"probe_batch_size={self.probe_batch_size!r} must be a positive integer or None.")
+        if not isinstance(self.probe_updates_weights, bool):
+            raise DPIConfigError(f"probe_updates_weights={self.probe_updates_weights!r} must be True or False.")
+        if not self.probe_updates_weights and self.core_signal == "update" and self.needs_probes \
+                and self.masks_from is None:
+            raise DPIConfigError(
+                "probe_updates_weights=False takes no optimizer step, so |θ − θ0| (core_signal='update') is zero "
+                "everywhere; use a gradient signal (core_signal='fisher' or 'gradsum') or probe_updates_weights=True."
+            )
+        if isinstance(self.protect_tasks, str):
+            self.protect_tasks = [self.protect_tasks]
+        if self.protect_tasks is not None:
+            if self.protect_cores_from is None:
+                raise DPIConfigError(
+                    "protect_tasks names cores to protect but protect_cores_from is not set; set protect_cores_from "
+                    "to the directory or Hub repo id that holds them."
+                )
+            if not self.protect_tasks or not all(isinstance(t, str) and t for t in self.protect_tasks):
+                raise DPIConfigError(
+                    f"protect_tasks={self.protect_tasks!r} must be a non-empty list of task names (or None: all)."
+                )
+        if self.protect_cores_from is not None and (not isinstance(self.protect_cores_from, str)
+                                                    or not self.protect_cores_from.strip()):
+            raise DPIConfigError(
+                f"protect_cores_from={self.protect_cores_from!r} must be a directory or a Hub repo id."
+            )
         for field_name in ("core_include", "core_exclude"):
             v = getattr(self, field_name)
             if isinstance(v, str):
@@ -239,6 +289,11 @@ class DPIConfig(SFTConfig):
     def needs_probes(self) -> bool:
         """Whether this run needs the tasks' cores (to plan or to freeze)."""
         return self.staging == "dpi" or self.freezes
+
+    @property
+    def protects(self) -> bool:
+        """Whether this run keeps the cores of ``protect_cores_from`` frozen."""
+        return self.protect_cores_from is not None
 
     @property
     def probes_split_half(self) -> bool:

@@ -17,8 +17,8 @@ from trl import SFTConfig
 
 from .artifacts import CORES_FILE, DPI_DIR, PLAN_FILE, load_dpi_artifacts, resolve_masks_source
 from .config import DPIConfig
-from .core import model_fingerprint, read_cores_metadata
-from .core.errors import DPIConfigError, FingerprintMismatchError
+from .core import CoreMask, model_fingerprint, read_cores_metadata
+from .core.errors import DPIConfigError, FingerprintMismatchError, MaskFileError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def dataset_digest(ds: Dataset) -> str:
 
 # the settings a cores file records that decide which elements its cores hold
 MASK_SETTINGS = ("core_fraction", "core_scope", "core_include", "core_exclude", "core_signal", "probe_reliability",
-                 "probe_steps", "probe_epochs", "probe_learning_rate")
+                 "probe_steps", "probe_epochs", "probe_learning_rate", "probe_updates_weights")
 
 
 def as_list(v):
@@ -95,7 +95,7 @@ def check_output_dir(args: DPIConfig, resume=None) -> bool:
 
 
 def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: dict,
-                 masks_digest: str | None = None) -> dict:
+                 masks_digest: str | None = None, protect_digest: str | None = None) -> dict:
     """Everything that decides the cores, the plan and the trained weights of a run: each task's row count and a
     digest of its tokenized rows, the model's architecture and content fingerprint, every DPI field, and the
     budget and optimisation arguments with the world size; with ``masks_from``, a digest of the masks' cores file.
@@ -106,6 +106,7 @@ def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: d
         fingerprint: the model's :func:`~dpi_hf.core.model_fingerprint`.
         masks_digest: sha256 of the ``masks_from`` cores file the run uses (the ``digest`` of
             :func:`load_run_masks`' source), or None.
+        protect_digest: sha256 of the ``protect_cores_from`` cores file, or None.
     """
     fp = fingerprint
     return {
@@ -113,6 +114,7 @@ def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: d
         "model_fingerprint": {k: fp[k] for k in ("sha256", "content")},
         **dpi_settings(args),
         "masks_digest": masks_digest,
+        "protect_digest": protect_digest,
         "budget": {f: getattr(args, f, None) for f in _BUDGET_FIELDS} | {"world_size": args.world_size},
     }
 
@@ -186,6 +188,83 @@ def check_explicit_checkpoint(explicit: str, runs_dir: Path, pending: list[int])
         )
 
 
+def _load_checked(dpi_dir: Path, model, tasks, allow_other_weights: bool):
+    """``(cores, plan, other_weights)`` of ``dpi_dir``, checked against ``model``'s names, shapes and weights; with
+    ``allow_other_weights`` a content mismatch (same architecture, other weights) is accepted and described."""
+    try:
+        cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=True)
+        return cores, plan, None
+    except FingerprintMismatchError as e:
+        if not allow_other_weights or "other weights" not in str(e):
+            raise
+        cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=False)
+        theirs = read_cores_metadata(dpi_dir / CORES_FILE)["fingerprint"]
+        ours = model_fingerprint(model)
+        other_weights = (f"masks from {theirs.get('checkpoint') or 'an unnamed checkpoint'} (content "
+                         f"{str(theirs.get('content'))[:12]}) on {ours.get('checkpoint') or 'an unnamed checkpoint'} "
+                         f"(content {ours['content'][:12]})")
+        logger.warning("DPI: allow_mask_mismatch: %s", e)
+        return cores, plan, other_weights
+
+
+def check_protection_source(args: DPIConfig) -> tuple[Path, list[str]]:
+    """The ``dpi/`` folder of ``args.protect_cores_from`` and the tasks to protect, checked without a model: the
+    artifact exists, holds cores, and has every task of ``protect_tasks``. Cheap; the CLI calls it before loading
+    anything."""
+    source = args.protect_cores_from
+    try:
+        dpi_dir = resolve_masks_source(source)
+    except MaskFileError:
+        raise DPIConfigError(
+            f"protect_cores_from={source!r} holds no DPI artifacts (no {DPI_DIR}/{CORES_FILE}); pass the output_dir of "
+            "a probe_cores / dpi-hf probe / DPI run, or its dpi/ folder."
+        ) from None
+    except DPIConfigError as e:  # the Hub message names masks_from: say which field it was
+        raise DPIConfigError(str(e).replace("masks_from=", "protect_cores_from=")) from None
+    if not (dpi_dir / CORES_FILE).is_file():
+        raise DPIConfigError(
+            f"protect_cores_from={source!r} holds a plan but no {CORES_FILE}: nothing to protect. Probe the cores to "
+            "protect first (dpi_hf.probe_cores or `dpi-hf probe`)."
+        )
+    available = read_cores_metadata(dpi_dir / CORES_FILE)["tasks"]
+    tasks = list(args.protect_tasks) if args.protect_tasks is not None else list(available)
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise DPIConfigError(
+            f"protect_tasks names {unknown}, which protect_cores_from={source!r} has no core for; it holds "
+            f"{available}. Name tasks from that list (or drop protect_tasks to protect all of them)."
+        )
+    return dpi_dir, tasks
+
+
+def load_protected_cores(args: DPIConfig, model):
+    """Load ``args.protect_cores_from`` before any training: the artifact must hold cores, name every task of
+    ``args.protect_tasks``, and fit this model (names, shapes and weights, unless ``allow_mask_mismatch``).
+
+    Returns:
+        (frozen, record): the union of the protected cores (a CoreMask), and what was protected and from where —
+        ``source``, ``tasks``, ``elements``, ``fraction`` (of the model's parameters), ``digest`` (sha256 of the
+        cores file), ``settings`` (the cores' own core settings), ``reliability`` (each protected task's split-half
+        r, when measured) and ``other_weights``.
+    """
+    source = args.protect_cores_from
+    dpi_dir, tasks = check_protection_source(args)
+    cores, plan, other_weights = _load_checked(dpi_dir, model, tasks, args.allow_mask_mismatch)
+    frozen = CoreMask.union_all(cores[t] for t in tasks)
+    meta = read_cores_metadata(dpi_dir / CORES_FILE)
+    reliability = None
+    if plan is not None and plan.reliability is not None:
+        reliability = {t: plan.reliability.reliability[t] for t in tasks if t in plan.reliability.reliability}
+    record = {
+        "source": str(source), "tasks": tasks, "elements": frozen.count(),
+        "fraction": frozen.count() / max(sum(p.numel() for p in model.parameters()), 1),
+        "digest": hashlib.sha256((dpi_dir / CORES_FILE).read_bytes()).hexdigest(),
+        "settings": {k: meta[k] for k in MASK_SETTINGS if k in meta},
+        "reliability": reliability, "other_weights": other_weights,
+    }
+    return frozen, record
+
+
 def load_run_masks(args: DPIConfig, model, tasks: list[str]):
     """Load ``args.masks_from`` for a run, now rather than after hours of training: the masks must exist, fit this
     model (its weights too, unless ``allow_mask_mismatch``), cover every task, and have been computed with this
@@ -198,19 +277,7 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
         fingerprint mismatch, or None) and their ``reliability`` report (or None).
     """
     dpi_dir = resolve_masks_source(args.masks_from)
-    other_weights = None
-    try:
-        cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=True)
-    except FingerprintMismatchError as e:
-        if not args.allow_mask_mismatch or "other weights" not in str(e):
-            raise
-        cores, plan = load_dpi_artifacts(dpi_dir, model=model, tasks=tasks, check_content=False)
-        theirs = read_cores_metadata(dpi_dir / CORES_FILE)["fingerprint"]
-        ours = model_fingerprint(model)
-        other_weights = (f"masks from {theirs.get('checkpoint') or 'an unnamed checkpoint'} (content "
-                         f"{str(theirs.get('content'))[:12]}) on {ours.get('checkpoint') or 'an unnamed checkpoint'} "
-                         f"(content {ours['content'][:12]})")
-        logger.warning("DPI: allow_mask_mismatch: %s", e)
+    cores, plan, other_weights = _load_checked(dpi_dir, model, tasks, args.allow_mask_mismatch)
     if cores is None:
         raise DPIConfigError(f"masks_from={args.masks_from!r} holds a plan but no {CORES_FILE}.")
     meta = read_cores_metadata(dpi_dir / CORES_FILE)

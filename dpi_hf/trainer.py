@@ -40,12 +40,13 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 
-from .artifacts import DPI_DIR, save_dpi_artifacts, write_model_card
+from .artifacts import DPI_DIR, PROTECTED_FILE, save_dpi_artifacts, write_model_card
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
 from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
 from .core.errors import DPIConfigError, ProbeDivergedError
 from .core.io import atomic_save_file, atomic_write_text
+from .core.masks import CoreMask
 from .core.planning import StagePlan, plan_from_groups, reorder_report
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.sharding import restore_parameters
@@ -68,6 +69,7 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
     dpi_fields_changed,
     dpi_settings,
     kill_point,
+    load_protected_cores,
     load_run_masks,
     resume_state,
     run_identity,
@@ -75,6 +77,9 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
 from .utils import check_each_task_once
 
 logger = logging.getLogger(__name__)
+
+# DPI fields that also apply to a single dataset (then DPITrainer is SFTTrainer plus the protection)
+PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks")
 
 def _split_half_error(task: str, rows: int) -> DPIConfigError:
     return DPIConfigError(
@@ -103,6 +108,8 @@ class DPITrainer(SFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "dpi-hf"]
+    # probe_cores probes the cores of a single task too (a training run of one task is plain SFT)
+    _single_task_probes = False
 
     def __init__(self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None, **kwargs):
         if args is None:
@@ -113,8 +120,8 @@ class DPITrainer(SFTTrainer):
             d["hub_token"] = args.hub_token
             args = DPIConfig(**{k: v for k, v in d.items() if k in DPIConfig.__dataclass_fields__})
         self.tasks: dict[str, Dataset] | None = split_tasks(train_dataset, args.task_column)
-        if self.tasks is not None and len(self.tasks) == 1:
-            changed = dpi_fields_changed(args)
+        if self.tasks is not None and len(self.tasks) == 1 and not self._single_task_probes:
+            changed = [f for f in dpi_fields_changed(args) if f not in PROTECTION_FIELDS]
             if changed:
                 raise DPIConfigError(
                     f"only one task ({next(iter(self.tasks))!r}) was given but DPI fields are set ({changed}); "
@@ -126,9 +133,16 @@ class DPITrainer(SFTTrainer):
         self.plan: StagePlan | None = None
         self.phase_records: list[PhaseRecord] = []
         self._phase_examples = 0
+        self.protected, self.protection = None, None  # the frozen union of protect_cores_from, and its record
+        if args.protects and not isinstance(model, str):  # before the Trainer creates output_dir or anything else
+            self._load_protection(args, model)
         if self.tasks is None:
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, **kwargs)
+            if args.protects:  # SFTTrainer plus the protection: the cores stay frozen through the whole train()
+                if self.protection is None:
+                    self._load_protection(args, self.model)
+                self.add_callback(FreezeMaskCallback(self.protected))
             return
 
         self._validate_multitask(args)
@@ -154,6 +168,14 @@ class DPITrainer(SFTTrainer):
         self._task_train = self._tokenized_tasks(kwargs.get("formatting_func"))
         if args.masks_from is not None and args.needs_probes and self._preloaded_cores is None:
             self._preloaded_cores = self._load_masks(args, self.model)
+        if args.protects and self.protection is None:
+            self._load_protection(args, self.model)
+
+    def _load_protection(self, args: DPIConfig, model) -> None:
+        # now, before any probe or step: a wrong artifact, an unknown task or masks of other weights fail at once
+        self.protected, self.protection = load_protected_cores(args, model)
+        logger.info("DPI: protecting %s elements (%.3f%%), the cores of %s from %s", f"{self.protected.count():,}",
+                    100 * self.protection["fraction"], self.protection["tasks"], self.protection["source"])
 
     def _load_masks(self, args: DPIConfig, model):
         cores, self._mask_source = load_run_masks(args, model, list(self.tasks))
@@ -230,9 +252,31 @@ class DPITrainer(SFTTrainer):
                 an error that lists the changed fields.
         """
         if self.tasks is None:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            if self.protection is not None:
+                self._check_protected_run(resume_from_checkpoint)
+            out = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            if self.protection is not None and self.is_world_process_zero():
+                self._write_json(self._dpi_dir / PROTECTED_FILE, self.protection)
+                write_model_card(self.args.output_dir, None, {"protected": self.protection})
+            return out
         return self._train_staged(resume_from_checkpoint, train_stages=True)
+
+    def _check_protected_run(self, resume_from_checkpoint) -> None:
+        """A protected single-dataset run has an identity too: a resume must protect the same cores of the same
+        weights (the artifact's digest, the model's fingerprint and the protection fields)."""
+        self._base_output_dir = self.args.output_dir
+        identity = {
+            "model_fingerprint": {k: model_fingerprint(self.model)[k] for k in ("sha256", "content")},
+            **{f: getattr(self.args, f) for f in PROTECTION_FIELDS},
+            "protect_digest": self.protection["digest"],
+        }
+        if resume_from_checkpoint:
+            resume_state(self._runs_dir, resume_from_checkpoint, identity)
+            return
+        if check_output_dir(self.args, resume=False) and self.is_world_process_zero():
+            clear_run_state(self.args.output_dir)
+        self._write_json(self._runs_dir / IDENTITY_FILE, identity)
 
     def probe(self) -> StagePlan:
         """Run the probes and plan, write ``dpi/cores.safetensors``, ``dpi/plan.json`` (with the reliability report)
@@ -268,7 +312,8 @@ class DPITrainer(SFTTrainer):
 
     def _run_identity(self) -> dict:
         digest = self._mask_source["digest"] if self._mask_source is not None else None
-        return run_identity(self.args, self._task_train, self._fingerprint, digest)
+        protect = self.protection["digest"] if self.protection is not None else None
+        return run_identity(self.args, self._task_train, self._fingerprint, digest, protect)
 
     def _write_json(self, path: Path, obj) -> None:
         if self.is_world_process_zero():
@@ -356,9 +401,11 @@ class DPITrainer(SFTTrainer):
         a = self.args
         steps, epochs = a.probe_steps, a.probe_epochs
         label = f"{task} (half {half}/{n_parts})" if half else task
-        self._restore(theta0)
+        if theta0 is not None:  # None: probes that never step (probe_updates_weights=False) keep no θ0
+            self._restore(theta0)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
-                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1)
+                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1,
+                               update_weights=a.probe_updates_weights)
         name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
         t0 = time.perf_counter()
         try:
@@ -473,6 +520,8 @@ class DPITrainer(SFTTrainer):
         }
         if self._mask_source is not None:
             record["masks_source"] = {k: v for k, v in self._mask_source.items() if k != "reliability"}
+        if self.protection is not None:
+            record["protected"] = self.protection
         return record
 
     def _train_staged(self, resume_from_checkpoint, train_stages: bool) -> TrainOutput:
@@ -489,7 +538,8 @@ class DPITrainer(SFTTrainer):
         cores, reliability = None, None
         if a.needs_probes:
             # θ0 only when probes will run from it: a model-sized CPU copy for nothing otherwise
-            theta0 = snapshot_parameters(self.model) if self._preloaded_cores is None else None
+            theta0 = snapshot_parameters(self.model) \
+                if self._preloaded_cores is None and a.probe_updates_weights else None
             cores, reliability = self._cores_and_reliability(theta0, resume)
             if theta0 is not None:
                 self._restore(theta0)
@@ -527,6 +577,8 @@ class DPITrainer(SFTTrainer):
             if k in finished:
                 continue
             frozen = plan.frozen_before(k) if plan.freeze else None
+            if self.protected is not None:  # the protected cores stay frozen in every stage, on top of the plan's
+                frozen = self.protected if frozen is None else CoreMask.union_all([self.protected, frozen])
             n_frozen = frozen.count() if frozen is not None else 0
             logger.info("DPI: stage %d/%d %s frozen %.3f%% (%s elements)", k + 1, len(plan.stages), stage,
                         100 * n_frozen / max(plan.total_elements, 1), f"{n_frozen:,}")

@@ -16,7 +16,7 @@ def add_parser(subparsers, parents=()):
         help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
         usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
         description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
-                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from. A "
+                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from, or protect them in a later run with --protect_cores_from (one task is enough: the cores of a skill the model already has). A "
                     "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
                     "fields are probed.",
     )
@@ -37,8 +37,6 @@ def run(args, overrides: list[str]) -> int:
         raw.pop(section, None)
     prepare_raw(raw)
     recipe = Recipe.from_dict(raw, source=args.recipe)
-    if len(recipe.tasks) < 2:
-        raise DPIConfigError(f"dpi-hf probe needs at least two tasks; {args.recipe} has {len(recipe.tasks)}.")
     from ..run.probe import run_probe
 
     run_probe(recipe)

@@ -20,21 +20,21 @@ def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
     """Probe every task of ``recipe`` and write the plan; return the :class:`~dpi_hf.core.StagePlan`.
 
     Args:
-        recipe: a validated recipe with at least two tasks.
+        recipe: a validated recipe with at least one task.
         log: where the plan, the probe cost and the artifact paths go (default: print).
     """
     apply_runtime(recipe)
     from ..data import load_tasks
     from ..phases import PROBE
-    from ..trainer import DPITrainer
-
+    from ..protection import CoreProbingTrainer
     from ..trainer import check_output_dir
 
     check_output_dir(recipe.args)  # before loading anything: a used output_dir is refused now
     t0 = time.perf_counter()
     train = {name: splits["train"] for name, splits in load_tasks(recipe.tasks).items()}
     model, tokenizer = load_model_and_tokenizer(recipe.model)
-    trainer = DPITrainer(model, args=recipe.args, train_dataset=train, processing_class=tokenizer)
+    # one task is enough: the cores of a model's existing skill, to protect in a later run (protect_cores_from)
+    trainer = CoreProbingTrainer(model, args=recipe.args, train_dataset=train, processing_class=tokenizer)
     plan = trainer.probe()
     probes = [r for r in trainer.phase_records if r.kind == PROBE]
     log(f"[dpi-hf] plan:\n{plan.describe()}")
@@ -42,6 +42,8 @@ def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
         f"{sum(r.examples for r in probes)} examples, {sum(r.seconds for r in probes):.0f} s "
         f"(whole command {time.perf_counter() - t0:.0f} s)")
     out = trainer.args.output_dir
-    log(f"[dpi-hf] wrote {out}/dpi/cores.safetensors, {out}/dpi/plan.json and {out}/dpi/overlap.png; train the "
-        f"stages with these cores: dpi-hf train RECIPE --masks_from {out} --output_dir OTHER_DIR")
+    log(f"[dpi-hf] wrote {out}/dpi/cores.safetensors and {out}/dpi/plan.json"
+        f"{f' and {out}/dpi/overlap.png' if len(train) > 1 else ''}; train the stages with these cores: dpi-hf train "
+        f"RECIPE --masks_from {out} --output_dir OTHER_DIR, or protect them while training something new: "
+        f"--protect_cores_from {out}")
     return plan

@@ -139,8 +139,12 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
 
     args = recipe.args
     output_dir = Path(args.output_dir)
-    if len(recipe.tasks) > 1:
-        check_output_dir(args)  # a used output_dir is refused before any data or model is loaded
+    if len(recipe.tasks) > 1 or args.protects:
+        check_output_dir(args)
+    if args.protects:  # a missing artifact or an unknown protected task fails before any data or model is loaded
+        from ..run_state import check_protection_source
+
+        check_protection_source(args)  # a used output_dir is refused before any data or model is loaded
     log(f"[dpi-hf] recipe {recipe.source or '<dict>'}: {len(recipe.tasks)} tasks {recipe.task_names}, model "
         f"{recipe.model.name_or_path}, output {output_dir}")
 
@@ -214,7 +218,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
     }
     atomic_write_text(dpi_dir / SCORES_FILE, json.dumps(scores, indent=2, default=str))
     files["scores"] = dpi_dir / SCORES_FILE
-    for name in ("cores.safetensors", "plan.json", "overlap.png", "forgetting.json"):
+    for name in ("cores.safetensors", "plan.json", "overlap.png", "forgetting.json", "protected.json"):
         if (dpi_dir / name).is_file() and dpi_dir / name not in files.values():
             files[name] = dpi_dir / name
     if (output_dir / "README.md").is_file():

@@ -1,0 +1,65 @@
+"""``dpi-hf sequential RECIPE.yaml``: train A, then B with A's core protected by each signal (and a random control);
+report forgetting, learning, the share of forgetting removed and its cost (see :mod:`dpi_hf.compare.sequential`)."""
+
+from __future__ import annotations
+
+from ..core.errors import DPIConfigError
+from .common import add_seeds_and_resume, verb_parser
+from .output import setup_output
+
+NAME = "sequential"
+TAKES_OVERRIDES = True
+
+
+def add_parser(subparsers, parents=()):
+    """Add the ``sequential`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
+    p = verb_parser(
+        subparsers, parents, "sequential",
+        help="train A then B, protecting A's core by each signal vs. a random control; measure forgetting",
+        usage="dpi-hf sequential RECIPE.yaml [--seeds S ...] [--no-resume] [--FIELD VALUE ...]",
+        description="For each pair [A, B] of the recipe's sequential: section and each seed: SFT on A, probe A's cores "
+                    "on the trained model, then SFT on B with nothing protected, with A's core by each signal and p, "
+                    "and with a random subset of the same size; writes sequential.json, sequential.md and "
+                    "sequential.png to the recipe's output_dir. Finished runs are reused unless --no-resume.",
+    )
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/sequential-smollm2-cpu.yaml")
+    add_seeds_and_resume(p, "sequential", "runs")
+    return p
+
+
+def run(args, overrides) -> int:
+    """``dpi-hf sequential``: run the scenario and print its table; returns 0."""
+    import shutil
+    from pathlib import Path
+
+    from ..compare.sequential import TABLE_FILE, SequentialSettings, run_sequential
+    from ..run.environment import apply_runtime, prepare_raw
+    import json
+
+    from ..run.reading import SECTIONS, parse_overrides, read_recipe
+    from ..run.recipe import Recipe
+
+    setup_output()
+    # --sequential.KEY VALUE tokens set the scenario's own section; the rest are ordinary recipe overrides
+    pairs = parse_overrides(overrides)
+    mine = {k.split(".", 1)[1].replace("-", "_"): v for k, v in pairs if k.startswith("sequential.")}
+    rest = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in pairs
+            if not k.startswith("sequential.")]  # JSON is YAML: read_recipe parses the values back unchanged
+    raw = read_recipe(args.recipe, rest)
+    section = {**(raw.pop("sequential", None) or {}), **mine}
+    prepare_raw(raw)
+    recipe = Recipe.from_dict(raw, source=args.recipe)
+    if len(recipe.tasks) < 2:
+        raise DPIConfigError(f"dpi-hf sequential needs at least two tasks; {args.recipe} has {len(recipe.tasks)}.")
+    settings = SequentialSettings.from_dict(section, [t.name for t in recipe.tasks])
+    if args.seeds:
+        settings.seeds = list(args.seeds)
+    apply_runtime(recipe)
+    out = Path(raw.get("output_dir") or Path("runs") / Path(args.recipe).stem)
+    if not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
+    training = {k: getattr(recipe.args, k) for k in raw if k not in SECTIONS and k != "output_dir"}
+    results = run_sequential(recipe, settings, out, training)
+    print((out / TABLE_FILE).read_text())
+    print(f"wrote {', '.join(results['files'].values())} to {out}")
+    return 0
