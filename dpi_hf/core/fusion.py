@@ -197,6 +197,18 @@ class TransplantMap:
         entries = dict(sorted(entries.items(), key=lambda kv: order.get(kv[0], len(order))))
         return cls(entries, dpi["shapes"], dpi["groups"], dpi["contested"], dpi["resolved_by"])
 
+    @staticmethod
+    def read_summary(path) -> dict:
+        """The :meth:`summary` of the map saved at ``path`` (and its extra metadata), read from the header alone."""
+        path = Path(path)
+        if not path.is_file():
+            raise MaskFileError(f"no transplant map at {str(path)!r}; it is written by a run with fusion='cpi'.")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != TRANSPLANT_FORMAT:
+            raise MaskFileError(f"{str(path)!r} is not a dpi-hf transplant map (format {meta.get('format')!r}).")
+        return {k: v for k, v in json.loads(meta["dpi"]).items() if k != "shapes"}
+
     def __repr__(self) -> str:
         owned = ", ".join(str(c) for c in self.summary()["owned"])
         return f"TransplantMap({len(self.groups)} groups, owned [{owned}], {self.contested:,} contested)"
