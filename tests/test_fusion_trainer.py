@@ -99,3 +99,13 @@ def test_fusion_stage_budget_too_small_fails_before_any_work(tmp_path, tokenizer
                                              "fusion_stage_fraction"):
         DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks, processing_class=tokenizer)
     assert not (tmp_path / "out" / "_dpi_runs").exists()
+
+
+def test_stage_budget_properties(tmp_path):
+    # steps: rounded half up, at least 1; epochs: scaled; no fusion: the budget as given
+    assert dpi_args(tmp_path, fusion="cpi", fusion_stage_fraction=0.75, max_steps=6).stage_max_steps == 5
+    assert dpi_args(tmp_path, fusion="cpi", fusion_stage_fraction=0.01, max_steps=6).stage_max_steps == 1
+    epochs = dpi_args(tmp_path, fusion="cpi", fusion_stage_fraction=0.5, max_steps=-1, num_train_epochs=3)
+    assert epochs.stage_num_train_epochs == 1.5 and epochs.stage_max_steps == -1
+    plain = dpi_args(tmp_path, max_steps=6, num_train_epochs=3)
+    assert plain.stage_max_steps == 6 and plain.stage_num_train_epochs == 3
