@@ -244,6 +244,16 @@ def card_section(plan: StagePlan | None, settings: dict) -> str:
                "overlap." if settings.get("staging", "dpi") == "dpi" else "."),
         ]
         lines += [f"- **Unreliable core:** {m}" for m in rel.unreliable.values()]
+    if settings.get("fusion") == "cpi":
+        lines += ["", f"**Fusion (CPI-FT):** the stages started from one backbone fused from the probe models, not from "
+                  "the base weights: each group's core elements copied from its own model (the SLERP of its tasks' "
+                  "probe models), every other element the data-size-weighted SLERP of the groups' task vectors "
+                  f"(λ = {settings.get('fusion_factor')}); the stages then trained "
+                  f"{settings.get('fusion_stage_fraction')} of the budget. Transplant map: `{DPI_DIR}/transplant.safetensors`."]
+        transplant = settings.get("fusion_transplant")
+        if transplant:
+            lines.append(f"Core elements owned per group: {transplant['owned']}; in several groups' cores: "
+                         f"{transplant['contested']:,} (resolved by {'importance' if transplant['resolved_by'] == 'given' else '|θ − θ0|'}).")
     if settings.get("masks_from"):
         lines += ["", f"Cores reused from `{settings['masks_from']}` (not probed in this run)."]
         for key, what in (("masks_other_weights", "computed on other weights"),

@@ -13,6 +13,7 @@ from .core.signals import SIGNALS, validate_signal
 
 STRATEGIES = ("dpi", "multitask", "random", "given")
 RELIABILITY_MODES = ("none", "split_half")
+FUSIONS = ("none", "cpi")
 
 
 @dataclass
@@ -117,6 +118,22 @@ class DPIConfig(SFTConfig):
         allow_mask_mismatch (`bool`, defaults to `False`):
             Accept `masks_from` (and `protect_cores_from`) masks computed on other weights of the same architecture (e.g. a base model's masks on
             its chat variant) or with other core settings; the mismatch is recorded in `plan.json` and the card.
+        fusion (`str`, defaults to `"none"`):
+            `"cpi"` (CPI-FT, arXiv 2508.21741): keep the models the probes fine-tuned and, after the plan, start the
+            stages from their fusion instead of θ0 — each group's core elements copied from the group's model (the
+            data-size-weighted SLERP of its tasks' probe models, split-half probes included), an element in several
+            groups' cores going to the group with the largest importance there, every other element the SLERP of
+            the groups' task vectors (docs/method.md, "CPI fusion"). Needs probes from this run (not `masks_from`).
+            Writes `dpi/transplant.safetensors` and, with `save_stage_models`, `fused/`. `"none"`: stages start
+            from θ0.
+        fusion_factor (`float`, defaults to `1.0`):
+            λ in (0, 2]: the scale of the merged task vector on the non-core elements (θ0 + λ·SLERP); core elements
+            are copied unscaled. 1 is the plain SLERP. Only with `fusion="cpi"`.
+        fusion_stage_fraction (`float`, defaults to `1.0`):
+            The share, in (0, 1], of the staged budget (`max_steps`, or `num_train_epochs`) the stages get after
+            the fusion. 1 keeps the stage budget of a run without fusion, so that the two differ only in where the
+            stages start; a smaller share spends less on top of the probes, which with fusion are training too.
+            Only with `fusion="cpi"`.
     """
 
     staging: str = field(
@@ -199,6 +216,17 @@ class DPIConfig(SFTConfig):
         default=False,
         metadata={"help": "Accept masks_from masks from other weights/settings (recorded in plan.json and card)."},
     )
+    fusion: str = field(
+        default="none",
+        metadata={"help": "Start the stages from the CPI-FT fusion of the probe models ('cpi').",
+                  "choices": list(FUSIONS)},
+    )
+    fusion_factor: float = field(
+        default=1.0, metadata={"help": "Scale λ in (0, 2] of the merged task vector on non-core elements."}
+    )
+    fusion_stage_fraction: float = field(
+        default=1.0, metadata={"help": "Share in (0, 1] of the staged budget spent after the fusion."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -275,10 +303,58 @@ class DPIConfig(SFTConfig):
             raise DPIConfigError(
                 f"protect_cores_from={self.protect_cores_from!r} must be a directory or a Hub repo id."
             )
+        self._validate_fusion()
         for field_name in ("core_include", "core_exclude"):
             v = getattr(self, field_name)
             if isinstance(v, str):
                 setattr(self, field_name, [v])
+
+    def _validate_fusion(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise DPIConfigError(f"fusion={self.fusion!r} is not one of {FUSIONS}.")
+        f = self.fusion_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 2:
+            raise DPIConfigError(
+                f"fusion_factor={f!r} must be a number in (0, 2]: the scale of the merged task vector (1 = plain "
+                "SLERP; above 2 would extrapolate far past every probe model)."
+            )
+        r = self.fusion_stage_fraction
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise DPIConfigError(f"fusion_stage_fraction={r!r} must be a number in (0, 1] (1 = the full budget).")
+        if self.fusion == "none":
+            for name in ("fusion_factor", "fusion_stage_fraction"):
+                if getattr(self, name) != 1.0:
+                    raise DPIConfigError(f"{name} is only used with fusion='cpi' (fusion is 'none'); set "
+                                         f"fusion='cpi' or drop {name}.")
+            return
+        if self.masks_from is not None:
+            raise DPIConfigError(
+                "fusion='cpi' fuses the models this run's probes fine-tune, and masks_from skips the probes; drop "
+                "masks_from or set fusion='none'."
+            )
+        if not self.needs_probes:
+            raise DPIConfigError(
+                f"fusion='cpi' fuses the probes' models, and staging={self.staging!r} without freeze_cores runs no "
+                "probe; use staging='dpi', set freeze_cores=True, or set fusion='none'."
+            )
+        if not self.probe_updates_weights:
+            raise DPIConfigError(
+                "fusion='cpi' fuses the models the probes fine-tune, and probe_updates_weights=False takes no step "
+                "(every probe model would be θ0); set probe_updates_weights=True or fusion='none'."
+            )
+
+    @property
+    def stage_max_steps(self) -> int:
+        """The staged training's ``max_steps``: ``max_steps``, times ``fusion_stage_fraction`` with fusion (rounded,
+        at least 1); ≤ 0 when the budget is in epochs."""
+        if self.fusion == "none" or self.max_steps is None or self.max_steps <= 0:
+            return self.max_steps
+        return max(1, int(self.max_steps * self.fusion_stage_fraction + 0.5))
+
+    @property
+    def stage_num_train_epochs(self) -> float:
+        """The staged training's ``num_train_epochs``, times ``fusion_stage_fraction`` with fusion."""
+        return self.num_train_epochs * (self.fusion_stage_fraction if self.fusion == "cpi" else 1.0)
 
     @property
     def freezes(self) -> bool:

@@ -46,11 +46,22 @@ from .config import DPIConfig
 from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
 from .core.errors import DPIConfigError, ProbeDivergedError
 from .core.io import atomic_save_file, atomic_write_text
+from .core.fusion import TransplantMap
 from .core.masks import CoreMask
 from .core.planning import StagePlan, plan_from_groups, reorder_report
 from .core.reliability import ReliabilityReport, reliability_report
 from .core.sharding import restore_parameters
 from .core.signals import pool_importance, threshold_ties, tie_warning
+from .fusion import (
+    FUSED_FILE,
+    FUSED_MODEL_DIR,
+    TRANSPLANT_FILE,
+    fuse_plan,
+    importance_path,
+    probe_model_path,
+    save_core_importance,
+    save_probe_model,
+)
 from .multitask import (  # noqa: F401  (split_tasks and allocate_steps are re-exported)
     DATA_COLUMNS,
     allocate_steps,
@@ -195,11 +206,13 @@ class DPITrainer(SFTTrainer):
             # the most stages this run can have: known before any probe, so a too-small budget fails now
             k = {"given": len(args.stage_groups or []), "multitask": 1,
                  "random": min(args.num_random_stages, len(tasks))}.get(args.staging, len(tasks))
-            if args.max_steps < k:
+            if args.stage_max_steps < k:
+                fused = (f" (× fusion_stage_fraction {args.fusion_stage_fraction} = {args.stage_max_steps} staged "
+                         "steps)") if args.fusion == "cpi" else ""
                 raise DPIConfigError(
-                    f"max_steps={args.max_steps} is smaller than the number of stages this run can have ({k}"
+                    f"max_steps={args.max_steps}{fused} is smaller than the number of stages this run can have ({k}"
                     f"{' if every task gets its own stage' if args.staging == 'dpi' else ''}); every stage needs at "
-                    "least one step: raise max_steps."
+                    f"least one step: raise max_steps{' or fusion_stage_fraction' if fused else ''}."
                 )
         for name, ds in self.tasks.items():
             if args.probes_split_half and len(ds) < 4:
@@ -403,8 +416,9 @@ class DPITrainer(SFTTrainer):
         label = f"{task} (half {half}/{n_parts})" if half else task
         if theta0 is not None:  # None: probes that never step (probe_updates_weights=False) keep no θ0
             self._restore(theta0)
+        # fusion keeps each task's importance at its core (to resolve elements several groups' cores claim)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
-                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1,
+                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1 or self._fuses,
                                update_weights=a.probe_updates_weights)
         name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
         t0 = time.perf_counter()
@@ -412,6 +426,8 @@ class DPITrainer(SFTTrainer):
             out = self._run_phase(self._phase_args(name, True, steps, epochs), part, callbacks=[cb])
         except ProbeDivergedError as e:
             raise ProbeDivergedError(f"the probe of task {task!r} diverged: {e}") from None
+        if self._fuses and self.is_world_process_zero():  # the probe model is kept for the fusion
+            save_probe_model(self.model, probe_model_path(self._runs_dir, task, half))
         self.phase_records.append(PhaseRecord(
             kind=PROBE, name=f"probe {label}", tasks=[task], steps=out.global_step,
             examples=self._phase_examples * self.args.world_size,
@@ -444,6 +460,9 @@ class DPITrainer(SFTTrainer):
             if len(probes) == 1:
                 cores[task] = probes[0].core
                 to_save = {task: cores[task]}
+                if self._fuses and self.is_world_process_zero():
+                    save_core_importance(probes[0].importance, cores[task], importance_path(self._runs_dir, task))
+                probes[0].importance = None
             else:
                 pooled = pool_importance([p.importance for p in probes], inplace=True)  # the probes' own copies
                 for p in probes:
@@ -452,6 +471,8 @@ class DPITrainer(SFTTrainer):
                 message = tie_warning(threshold_ties(pooled, cores[task]), f"pooled core of {task!r}")
                 if message:
                     logger.warning(message)
+                if self._fuses and self.is_world_process_zero():
+                    save_core_importance(pooled, cores[task], importance_path(self._runs_dir, task))
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
                 to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
@@ -461,6 +482,29 @@ class DPITrainer(SFTTrainer):
             self.accelerator.wait_for_everyone()
             kill_point(f"after-probe-{task}")
         return cores, half_cores
+
+    @property
+    def _fuses(self) -> bool:
+        return self.args.fusion == "cpi"
+
+    def _fuse(self, plan: StagePlan, cores) -> dict:
+        """Start the stages from the CPI-FT fusion of the probe models (fused now, or reloaded on resume); returns
+        the transplant summary for the card."""
+        fused_path = self._runs_dir / FUSED_FILE
+        if fused_path.is_file():
+            logger.info("DPI: fusion already done (%s)", fused_path)
+        else:
+            members = {t: [(probe_model_path(self._runs_dir, t, h + 1 if len(parts) > 1 else None), len(part))
+                           for h, part in enumerate(parts)] for t, parts in ((t, self._halves(t)) for t in self.tasks)}
+            if self.is_world_process_zero():
+                fuse_plan(self.model, plan, cores, members, self._runs_dir, self._dpi_dir, self.args.fusion_factor,
+                          keep=self.protected)
+            self.accelerator.wait_for_everyone()
+        self._restore(load_file(str(fused_path)))  # every rank: the same file, so the same weights
+        kill_point("after-fusion")
+        if self.args.save_stage_models:  # every rank: save_model synchronises the processes itself
+            self.save_model(str(Path(self._base_output_dir) / FUSED_MODEL_DIR))
+        return TransplantMap.read_summary(self._dpi_dir / TRANSPLANT_FILE)
 
     def _make_plan(self, cores, reliability: ReliabilityReport | None) -> StagePlan:
         a = self.args
@@ -563,14 +607,18 @@ class DPITrainer(SFTTrainer):
             return TrainOutput(0, 0.0, {"train_runtime": time.perf_counter() - t_start, "dpi_stages": 0})
 
         sizes = [sum(len(self._task_train[t]) for t in s) for s in plan.stages]
-        epochs = None if a.max_steps and a.max_steps > 0 else a.num_train_epochs
-        steps = allocate_steps(a.max_steps, sizes) if epochs is None else [-1] * len(plan.stages)
+        # with fusion the stages get fusion_stage_fraction of the budget
+        epochs = None if a.max_steps and a.max_steps > 0 else a.stage_num_train_epochs
+        steps = allocate_steps(a.stage_max_steps, sizes) if epochs is None else [-1] * len(plan.stages)
 
         finished = list(progress.get("finished_stages", []))
         self.phase_records += [PhaseRecord.from_dict(r) for r in progress.get("stages", [])]
         if finished:
             self._restore(load_file(str(self._runs_dir / f"stage-{max(finished)}.safetensors")))
             logger.info("DPI: resuming after stage %d", max(finished) + 1)
+        if self._fuses:  # the card says how the transplant went, on resume too
+            artifact["fusion_transplant"] = (self._fuse(plan, cores) if not finished else
+                                             TransplantMap.read_summary(self._dpi_dir / TRANSPLANT_FILE))
         forgetting = progress.get("forgetting", [])
         total_loss, total_steps = 0.0, 0
         for k, stage in enumerate(plan.stages):

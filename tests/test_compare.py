@@ -13,6 +13,7 @@ import yaml
 
 from conftest import tiny_llama
 from dpi_hf.compare import (
+    DEFAULT_METHODS,
     METHODS,
     EvalSettings,
     add_compare_parser,
@@ -83,28 +84,40 @@ def _cheap_gc():
 def comparison(tmp_path_factory, tokenizer):
     tmp = tmp_path_factory.mktemp("compare")
     out = tmp / "out"
+    # the paper's four methods and cpi, whose stages get 2/3 of the budget after the fusion (4 of 6 steps)
     results = run_comparison(_task_files(tmp), lambda: tiny_llama(tokenizer), out, tokenizer=tokenizer,
-                             training=TRAINING, heuristic_groups=GROUPS, seeds=[0], evaluation=EVAL)
+                             training={**TRAINING, "fusion_stage_fraction": 2 / 3}, heuristic_groups=GROUPS,
+                             methods=METHODS, seeds=[0], evaluation=EVAL)
     return out, results
 
 
-def test_all_four_methods_end_to_end_with_the_same_budget(comparison):
+def test_all_methods_end_to_end_with_the_same_budget(comparison):
     out, results = comparison
     runs = {r["method"]: r for r in results["runs"]}
-    assert list(runs) == list(METHODS)
+    assert list(runs) == list(METHODS) == [*DEFAULT_METHODS, "cpi"]
+    cpi = runs.pop("cpi")
     # every method trained on exactly max_steps x batch examples, counted at the training step
     for method, run in runs.items():
         assert run["train_examples"] == STEPS * BATCH, method
         assert run["train_steps"] == STEPS, method
-    assert results["budget"]["same_budget"] is True
+    # cpi: the probes of dpi, trained into the fused backbone, then 2/3 of the staged budget; the budget table
+    # counts both, and says the stages' budgets differ
+    assert cpi["probe_examples"] == 4 * PROBE_STEPS * BATCH and cpi["fields"] == {"staging": "dpi", "fusion": "cpi"}
+    assert cpi["train_steps"] == 4 and cpi["train_examples"] == 4 * BATCH
+    assert cpi["total_examples"] == (4 * PROBE_STEPS + 4) * BATCH
+    assert (out / "runs" / "seed-0" / "cpi" / "dpi" / "transplant.safetensors").is_file()
+    for method, run in runs.items():
+        assert run["total_examples"] == run["train_examples"] + run["probe_examples"], method
+        assert results["budget"]["total_examples"][f"{method}/seed-0"] == run["total_examples"]
+    assert results["budget"]["same_budget"] is False  # cpi spent 2/3 of the stages' budget
     # the methods differ in their stages as the paper defines them
     assert runs["multitask"]["stages"] == [["gsm8k", "logiqa", "code", "chat"]]
     assert len(runs["multistage_random"]["stages"]) == 3
     assert runs["multistage_heuristic"]["stages"] == GROUPS
     # only DPI probes (4 tasks x probe_steps x batch examples, outside the budget) and only DPI freezes
     assert runs["dpi"]["probe_examples"] == 4 * PROBE_STEPS * BATCH and runs["dpi"]["probe_seconds"] > 0
-    assert all(runs[m]["probe_examples"] == 0 for m in METHODS if m != "dpi")
-    assert all(f == 0 for m in METHODS if m != "dpi" for f in runs[m]["frozen_fraction"])
+    assert all(runs[m]["probe_examples"] == 0 for m in DEFAULT_METHODS if m != "dpi")
+    assert all(f == 0 for m in DEFAULT_METHODS if m != "dpi" for f in runs[m]["frozen_fraction"])
     if len(runs["dpi"]["stages"]) > 1:
         assert runs["dpi"]["frozen_fraction"][1] > 0
 
@@ -138,10 +151,11 @@ def test_forgetting_rows_cover_every_stage(comparison):
 
 def test_tables_and_plots_are_written(comparison):
     out, results = comparison
-    assert json.loads((out / "results.json").read_text())["budget"]["same_budget"] is True
+    assert json.loads((out / "results.json").read_text())["budget"]["same_budget"] is False  # cpi: 2/3
     table = (out / "results.md").read_text()
     for text in ("| method | gsm8k (acc %) | logiqa (acc %) | code (CodeBLEU) | chat (ROUGE-L proxy) | macro (0-10) |",
-                 "| base |", "| dpi |", "probe s", "Same number of training examples for every run: **yes**",
+                 "| base |", "| dpi |", "| cpi |", "probe s", "total examples",
+                 "Same number of training examples for every run: **NO**",
                  "### multistage_random, seed 0", "## DPI diagnostics", "Jaccard overlap", "**proxy**"):
         assert text in table, text
     for plot in ("scores.png", "forgetting.png"):
@@ -154,9 +168,10 @@ def test_finished_runs_are_reused(comparison, tokenizer):
     def fail():
         raise AssertionError("a finished run was trained again")
 
+    # the paper's four methods, without cpi's fusion_stage_fraction: that field is cpi's alone, so their runs are kept
     again = run_comparison(_task_files(out.parent), fail, out, tokenizer=tokenizer, training=TRAINING,
                            heuristic_groups=GROUPS, seeds=[0], evaluation=EVAL)
-    assert [r["macro"] for r in again["runs"]] == [r["macro"] for r in results["runs"]]
+    assert [r["macro"] for r in again["runs"]] == [r["macro"] for r in results["runs"] if r["method"] != "cpi"]
 
 
 def test_bad_input_fails_before_training(tmp_path, tokenizer):
@@ -213,7 +228,7 @@ def test_recipe_and_cli_parsers():
     tasks = recipe.recipe.tasks
     assert [t.name for t in tasks] == ["gsm8k", "codealpaca", "logiqa", "alpaca"]
     assert tasks[0].path == "/data/gsm8k/train.jsonl" and all(t.eval_samples > 0 for t in tasks)
-    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct" and recipe.methods == list(METHODS)
+    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct" and recipe.methods == list(DEFAULT_METHODS)
     assert recipe.heuristic_groups == [["gsm8k", "logiqa"], ["codealpaca", "alpaca"]]
     assert recipe.training["max_steps"] > 0 and isinstance(recipe.training["learning_rate"], float)
     assert "staging" not in recipe.training and "output_dir" not in recipe.training
@@ -223,6 +238,13 @@ def test_recipe_and_cli_parsers():
         load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"max_stpes": 3})
     with pytest.raises(DPIConfigError, match="set by the comparison runner"):
         load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"staging": "given"})
+    with pytest.raises(DPIConfigError, match=r"\['fusion'\] are set by the comparison runner"):
+        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"fusion": "cpi"})
+    # cpi's own fields pass to the runner (which applies them to cpi runs only), checked as numbers
+    with_cpi = load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", ["--fusion_stage_fraction", "0.5"])
+    assert with_cpi.training["fusion_stage_fraction"] == 0.5
+    with pytest.raises(DPIConfigError, match="fusion_factor='big' must be a number"):
+        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"fusion_factor": "big"})
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true")

@@ -190,3 +190,27 @@ def test_protected_run_resume_checks_identity(tmp_path, tokenizer, tasks):
     # the same protection resumes
     DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"],
                processing_class=tokenizer).train(resume_from_checkpoint=True)
+
+
+def test_protection_survives_cpi_fusion(tmp_path, tokenizer, tasks):
+    """The fused backbone replaces the weights the stages start from; protected elements keep their values."""
+    model = tiny_llama(tokenizer)
+    cores = probe_cores(model, {"old": tasks["add"]}, dpi_args(tmp_path, output_dir=str(tmp_path / "cores")),
+                        processing_class=tokenizer)
+    before = _state(model)
+    args = dpi_args(tmp_path, output_dir=str(tmp_path / "train"), protect_cores_from=str(tmp_path / "cores"),
+                    fusion="cpi", max_steps=3, probe_steps=2)
+    trainer = DPITrainer(model, args=args, train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]},
+                         processing_class=tokenizer)
+    trainer.train()
+    core = cores["old"]
+    for n, p in model.named_parameters():
+        if n in core:
+            idx = core.indices(n)
+            assert torch.equal(p.detach().flatten()[idx], before[n].flatten()[idx]), n
+    assert (tmp_path / "train" / "dpi" / "transplant.safetensors").is_file()
+
+
+def test_fusion_needs_probes_that_step(tmp_path):
+    with pytest.raises(DPIConfigError, match="probe_updates_weights=False takes no step"):
+        dpi_args(tmp_path, fusion="cpi", probe_updates_weights=False)

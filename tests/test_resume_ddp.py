@@ -165,3 +165,48 @@ def test_fsdp2_sharded_freeze(tmp_path):
     # really sharded: the 32x16 weight is 16x16 on each rank, the 7-row weight splits 4 + 3
     assert reports[0]["local_rows"][0] == [16, 16] and reports[1]["local_rows"][0] == [16, 16]
     assert reports[0]["local_rows"][2][0] == 4 and reports[1]["local_rows"][2][0] == 3
+
+
+@pytest.fixture(scope="module")
+def fusion_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fusion-ref")
+    r = run(str(out / "run"), "--fusion", "--report", str(out / "rep"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "run", report(out / "rep")
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {"metadata": f.metadata(), **{k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}}
+
+
+# with fusion="cpi": mid probe (the probe models written so far are kept), after the transplant map but before the
+# fused weights (the fusion runs again), after the fused weights (they are reloaded), mid first stage (its checkpoint)
+FUSION_KILL_POINTS = ["probe-rev-half2:2", "point:during-fusion", "point:after-fusion", "stage-0:2"]
+
+
+@pytest.mark.parametrize("kill_at", FUSION_KILL_POINTS)
+def test_fusion_sigkill_then_resume_matches_uninterrupted(tmp_path, fusion_reference, kill_at):
+    ref_out, ref = fusion_reference
+    out = tmp_path / "run"
+    how = ["--kill-point", kill_at.split(":", 1)[1]] if kill_at.startswith("point:") else ["--kill-at", kill_at]
+    killed = run(str(out), "--fusion", *how)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    runs = out / "_dpi_runs"
+    fused_written = (runs / "fused.safetensors").is_file()
+    assert fused_written == (kill_at in ("point:after-fusion", "stage-0:2"))
+    if kill_at == "point:during-fusion":
+        assert (out / "dpi" / "transplant.safetensors").is_file()
+    resumed = run(str(out), "--fusion", "--resume", "--report", str(tmp_path / "rep"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stderr + resumed.stdout
+    assert ("fusion already done" in log) == fused_written
+    rep = report(tmp_path / "rep")
+    assert rep["cores"] == ref["cores"] and rep["stages"] == ref["stages"]
+    assert rep["params"] == ref["params"]  # the same final weights as the uninterrupted run
+    for name in ("_dpi_runs/fused.safetensors", "dpi/transplant.safetensors", "fused/model.safetensors"):
+        assert _tensors(out / name) == _tensors(ref_out / name), name
+    assert _artifact_bytes(out) == _artifact_bytes(ref_out)
+    assert_frozen_intact(out)

@@ -33,7 +33,7 @@ def add_compare_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = 
                     "write results.json, results.md, scores.png and forgetting.png to the recipe's output_dir. "
                     "Overrides such as --max_steps 20 or --data_dir DIR apply to the recipe (see docs/evaluation.md).")
     p.add_argument("recipe", metavar="RECIPE.yaml", help="a comparison recipe, e.g. recipes/compare-smollm2-cpu.yaml")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (default: all four)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="the methods (default: the paper's four; cpi, DPI with CPI-FT fusion, by name)")
     add_seeds_and_resume(p, "compare", "runs")
     return p
 

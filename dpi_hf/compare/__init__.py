@@ -48,9 +48,9 @@ Layout: :mod:`~dpi_hf.compare.settings` (methods, evaluation settings, checks), 
 from .recipe import COMPARE_SECTIONS, CompareRecipe, load_compare_recipe, prepare_compare_recipe
 from .runner import run_comparison, run_sweep
 from .runs import evaluate_model
-from .settings import FORGETTING_MODES, METHODS, EvalSettings
+from .settings import DEFAULT_METHODS, FORGETTING_MODES, METHODS, EvalSettings
 
-__all__ = ["METHODS", "FORGETTING_MODES", "EvalSettings", "run_comparison", "run_sweep", "evaluate_model",
+__all__ = ["METHODS", "DEFAULT_METHODS", "FORGETTING_MODES", "EvalSettings", "run_comparison", "run_sweep", "evaluate_model",
            "CompareRecipe", "COMPARE_SECTIONS", "load_compare_recipe", "prepare_compare_recipe",
            "add_compare_parser", "add_sweep_parser",
            "compare_command", "sweep_command"]

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from ..core.errors import DPIConfigError
 from ..utils import check_unknown_keys
-from .settings import METHODS, RUNNER_FIELDS, EvalSettings
+from .settings import DEFAULT_METHODS, FUSION_FIELDS, RUNNER_FIELDS, EvalSettings
 
 
 @dataclass
@@ -46,7 +46,7 @@ _SWEEP_KEYS = ("core_fractions", "scopes", "seeds", "staging", "stage_groups", "
 def load_compare_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> CompareRecipe:
     """Read a comparison recipe: a :mod:`dpi_hf.recipes` recipe with two more sections.
 
-    ``compare:`` — ``methods`` (default all of :data:`METHODS`), ``seeds`` (default ``[0]``), ``heuristic_groups``
+    ``compare:`` — ``methods`` (default :data:`DEFAULT_METHODS`, the paper's four; ``cpi`` by name), ``seeds`` (default ``[0]``), ``heuristic_groups``
     (the stages of ``multistage_heuristic``), ``nll_samples`` (rows of each eval split used for the held-out NLL;
     default all), ``forgetting`` (``nll``/``all``/``none``, default ``nll``), ``keep_stage_models`` (default false).
     ``sweep:`` — the keyword arguments of :func:`run_sweep` (``core_fractions``, ``scopes``, ``seeds``, ``staging``,
@@ -76,8 +76,10 @@ def load_compare_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str
     if owned:
         raise DPIConfigError(f"recipe {str(path)!r}: {owned} are set by the comparison runner per method and seed; "
                              "remove them (use compare.methods / compare.heuristic_groups / compare.seeds).")
+    # the cpi method's own fields: DPIConfig refuses them without fusion, which only the runner sets (for cpi)
+    fusion = {k: _number(raw.pop(k), k, path) for k in FUSION_FIELDS if k in raw}
     recipe = Recipe.from_dict(raw, source=str(path))
-    training = {k: getattr(recipe.args, k) for k in raw if k not in SECTIONS and k != "output_dir"}
+    training = {k: getattr(recipe.args, k) for k in raw if k not in SECTIONS and k != "output_dir"} | fusion
     spec = recipe.eval
     # the recipe's eval settings, with every task's metrics spelled out and compare's nll_samples / forgetting
     evaluation = dataclasses.replace(
@@ -85,10 +87,18 @@ def load_compare_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str
         nll_samples=compare.get("nll_samples", spec.nll_samples), forgetting=compare.get("forgetting", spec.forgetting))
     return CompareRecipe(
         recipe=recipe, training=training, evaluation=evaluation, include_base=spec.before,
-        methods=list(compare.get("methods", METHODS)), seeds=list(compare.get("seeds", [0])),
+        methods=list(compare.get("methods", DEFAULT_METHODS)), seeds=list(compare.get("seeds", [0])),
         heuristic_groups=compare.get("heuristic_groups"), keep_stage_models=bool(compare.get("keep_stage_models")),
         sweep=dict(sweep), output_dir=str(raw.get("output_dir") or Path("runs") / Path(path).stem))
 
+
+
+def _number(value, key: str, path) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DPIConfigError(f"recipe {str(path)!r}: {key}={value!r} must be a number (it is the cpi method's "
+                             "setting, see docs/recipes.md).") from None
 
 
 def prepare_compare_recipe(path: str | Path, overrides: Sequence[str] = ()) -> CompareRecipe:

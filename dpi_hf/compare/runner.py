@@ -12,7 +12,7 @@ from ..core.errors import DPIConfigError
 from .context import build_context
 from .report import write_comparison, write_sweep
 from .runs import evaluate_base, train_and_evaluate
-from .settings import METHODS, EvalSettings, check_groups, check_seeds, make_config, method_fields
+from .settings import DEFAULT_METHODS, METHODS, EvalSettings, check_groups, check_seeds, make_config, method_fields
 from .summary import assemble, assemble_sweep
 
 
@@ -22,7 +22,7 @@ def run_comparison(
     output_dir: str | Path,
     *,
     training: Mapping[str, Any] | None = None,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     heuristic_groups: Sequence[Sequence[str]] | None = None,
     seeds: Sequence[int] = (0,),
     evaluation: EvalSettings | Mapping[str, Any] | None = None,
@@ -46,7 +46,9 @@ def run_comparison(
             stages —, learning rate, batch size, DPI's ``core_fraction``/``probe_steps``, ...). The runner sets
             ``staging``, ``stage_groups``, ``seed``, ``output_dir`` and ``save_stage_models`` itself; defaults:
             ``report_to="none"``, ``save_strategy="no"``, ``dataloader_drop_last=True``. Default: none.
-        methods: which of :data:`METHODS` to run (default: all four).
+        methods: which of :data:`METHODS` to run (default: :data:`DEFAULT_METHODS`, the paper's four). ``"cpi"`` is
+            DPI with ``fusion="cpi"`` (its probes are trained into the backbone the stages start from; the
+            ``fusion_factor`` / ``fusion_stage_fraction`` of ``training`` apply to it only).
         heuristic_groups: the stages of ``multistage_heuristic`` as lists of task names, every task once
             (required when that method runs).
         seeds: training seeds; each method runs once per seed (default ``(0,)``). The eval splits do not depend

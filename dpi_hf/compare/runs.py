@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 from ..phases import PROBE, STAGE
 from .context import RunContext
 from .report import write_json
-from .settings import RECORD, EvalSettings, eval_record, make_config
+from .settings import FUSION_FIELDS, RECORD, EvalSettings, eval_record, make_config
 
 logger = logging.getLogger("dpi_hf.compare")
 
@@ -66,10 +66,12 @@ def evaluate_model(model, tokenizer, eval_sets: Mapping[str, Any], task_metrics:
 
 def _settings_key(ctx: RunContext, name: str, fields: Mapping[str, Any] | None, seed: int | None) -> str:
     """A digest of everything that determines a run's record, to decide whether a saved record can be reused."""
+    training = None  # the base model's record does not depend on the training settings
+    if fields is not None:  # nor a run without fusion on the cpi method's own fields
+        training = {k: v for k, v in ctx.training.items()
+                    if fields.get("fusion") == "cpi" or k not in FUSION_FIELDS}
     payload = {"name": name, "fields": fields, "seed": seed, "model": ctx.model_id, "data": ctx.data_key,
-               "metrics": ctx.task_metrics, "eval": eval_record(ctx.evaluation),
-               # the base model's record does not depend on the training settings
-               "training": ctx.training if fields is not None else None}
+               "metrics": ctx.task_metrics, "eval": eval_record(ctx.evaluation), "training": training}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -141,6 +143,7 @@ def train_and_evaluate(ctx: RunContext, name: str, fields: Mapping[str, Any], se
         if not ctx.keep_stage_models:
             for k in range(len(plan.stages)):
                 shutil.rmtree(run_dir / f"stage-{k}", ignore_errors=True)
+            shutil.rmtree(run_dir / "fused", ignore_errors=True)  # cpi's fused model (a model's size, not evaluated)
 
     stage_phases = [p for p in phases if p["kind"] == STAGE]
     probe_phases = [p for p in phases if p["kind"] == PROBE]
@@ -154,6 +157,9 @@ def train_and_evaluate(ctx: RunContext, name: str, fields: Mapping[str, Any], se
         "train_seconds": sum(p["seconds"] for p in stage_phases),
         "probe_examples": sum(p["examples"] for p in probe_phases),
         "probe_seconds": sum(p["seconds"] for p in probe_phases),
+        # every example a method trained on, probes included: with fusion the probes' training is in the model
+        "total_examples": sum(p["examples"] for p in phases),
+        "total_steps": sum(p.get("steps") or 0 for p in phases),
         "train_wall_seconds": train_wall,
         "phases": phases,
         **final,

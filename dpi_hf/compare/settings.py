@@ -10,13 +10,20 @@ from ..core.errors import DPIConfigError
 from ..evaluation.settings import FORGETTING_MODES, EvalSpec
 from ..utils import check_each_task_once, did_you_mean, is_int
 
-__all__ = ["METHODS", "FORGETTING_MODES", "EvalSettings", "eval_record", "check_seeds", "check_groups",
+__all__ = ["METHODS", "DEFAULT_METHODS", "FORGETTING_MODES", "EvalSettings", "eval_record", "check_seeds", "check_groups",
            "method_fields", "make_config"]
 
-METHODS: tuple[str, ...] = ("multitask", "multistage_random", "multistage_heuristic", "dpi")
-STAGING = {"multitask": "multitask", "multistage_random": "random", "multistage_heuristic": "given", "dpi": "dpi"}
+# the paper's four methods, and "cpi": DPI whose stages start from the CPI-FT fusion of its probe models
+METHODS: tuple[str, ...] = ("multitask", "multistage_random", "multistage_heuristic", "dpi", "cpi")
+# what a comparison runs when it names no methods: the paper's four (cpi trains probes into the model and keeps them
+# on disk, so it is asked for by name)
+DEFAULT_METHODS: tuple[str, ...] = METHODS[:4]
+STAGING = {"multitask": "multitask", "multistage_random": "random", "multistage_heuristic": "given", "dpi": "dpi",
+           "cpi": "dpi"}
 # Fields the runner sets per method and seed; a recipe setting them would silently change what a method means.
-RUNNER_FIELDS = ("staging", "stage_groups", "seed", "output_dir", "save_stage_models")
+RUNNER_FIELDS = ("staging", "stage_groups", "seed", "output_dir", "save_stage_models", "fusion")
+# the cpi method's own settings: shared training fields, applied to the cpi runs only (the other methods do not fuse)
+FUSION_FIELDS = ("fusion_factor", "fusion_stage_fraction")
 # Defaults for every run, under the recipe's own values: no checkpoints or trackers for throw-away comparison runs,
 # and whole batches only, so that every method trains on exactly steps × batch examples (see dpi_hf.compare).
 TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "dataloader_drop_last": True}
@@ -71,6 +78,8 @@ def method_fields(method: str, groups) -> dict:
     fields: dict[str, Any] = {"staging": STAGING[method]}
     if method == "multistage_heuristic":
         fields["stage_groups"] = groups
+    if method == "cpi":
+        fields["fusion"] = "cpi"
     return fields
 
 
@@ -94,6 +103,9 @@ def make_config(training: Mapping[str, Any], fields: Mapping[str, Any], *, seed:
     # again starts clean
     kwargs = {**training, **fields, "seed": seed, "output_dir": str(run_dir), "save_stage_models": save_stages,
               "overwrite_output_dir": True}
+    if kwargs.get("fusion", "none") == "none":  # fusion_factor / fusion_stage_fraction are the cpi method's
+        for key in FUSION_FIELDS:
+            kwargs.pop(key, None)
     valid = DPIConfig.__dataclass_fields__
     unknown = [k for k in kwargs if k not in valid]
     if unknown:

@@ -33,7 +33,7 @@ def summarise(records: list[dict], tasks: list[str]) -> dict:
                                         for m in extra_names}}
     out["macro"] = mean_std([r["macro"] for r in records])
     for key in ("train_examples", "train_steps", "train_seconds", "probe_examples", "probe_seconds",
-                "eval_seconds"):
+                "total_examples", "total_steps", "eval_seconds"):
         out[key] = mean_std([r.get(key) for r in records])
     out["forgetting"] = mean_std([r["forgetting"]["mean"] for r in records if "forgetting" in r])
     return out
@@ -47,10 +47,12 @@ def assemble(ctx: RunContext, runs: list[dict], base: dict | None, methods: list
     if base is not None:
         summary = {"base": summarise([base], tasks), **summary}
     examples = {f"{r['method']}/seed-{r['seed']}": r["train_examples"] for r in runs}
+    totals = {f"{r['method']}/seed-{r['seed']}": r.get("total_examples") for r in runs}
     return {
         "tasks": tasks, "task_metrics": ctx.task_metrics, "methods": methods, "seeds": seeds,
         "base": base, "runs": runs, "summary": summary,
-        "budget": {"train_examples": examples, "same_budget": len(set(examples.values())) <= 1},
+        "budget": {"train_examples": examples, "same_budget": len(set(examples.values())) <= 1,
+                   "total_examples": totals},
         "settings": {"model": ctx.model_id, "training": ctx.training, "eval": eval_record(ctx.evaluation),
                      "train_sizes": {t: len(d) for t, d in ctx.train_sets.items()},
                      "eval_sizes": {t: len(d) for t, d in ctx.eval_sets.items()}, **extra_settings},

@@ -50,18 +50,21 @@ def comparison_markdown(results: dict) -> str:
         lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks]
                           + [f"{statistics.fmean(means):.3f}"]))
     lines += ["", "## Budget, cost and forgetting", "",
-              "Training examples are counted at the training step (stages only). Probe cost is DPI's extra training "
-              "before the plan; it is not part of the budget. Forgetting: mean over tasks trained before the last "
-              "stage of (NLL after the last stage − NLL after the task's own stage).", ""]
-    header = ["method", "train examples", "train steps", "train s", "probe examples", "probe s", "eval s",
-              "forgetting ΔNLL"]
+              "Training examples are counted at the training step. `train examples` are the stages' (the budget); "
+              "probes are training too — for dpi before the plan, for cpi also trained into the backbone its stages "
+              "start from — and `total examples` counts probes and stages: what each method spent in all. "
+              "Forgetting: mean over tasks trained before the last stage of (NLL after the last stage − NLL after "
+              "the task's own stage).", ""]
+    header = ["method", "train examples", "train steps", "train s", "probe examples", "probe s", "total examples",
+              "eval s", "forgetting ΔNLL"]
     lines += [_row(header), _row(["---"] * len(header))]
     for method, s in summary.items():
         if method == "base":
             continue
         lines.append(_row([method, _fmt(s["train_examples"], 0), _fmt(s["train_steps"], 0),
                            _fmt(s["train_seconds"], 0), _fmt(s["probe_examples"], 0), _fmt(s["probe_seconds"], 0),
-                           _fmt(s["eval_seconds"], 0), _fmt(s["forgetting"], 3)]))
+                           _fmt(s.get("total_examples", {"mean": None}), 0), _fmt(s["eval_seconds"], 0),
+                           _fmt(s["forgetting"], 3)]))
     same = results["budget"]["same_budget"]
     lines += ["", f"Same number of training examples for every run: **{'yes' if same else 'NO'}** "
                   f"({sorted(set(results['budget']['train_examples'].values()))})."]

@@ -1,4 +1,5 @@
-"""The torch-only DPI engine: core masks, exact selection, stage planning and exact freezing.
+"""The torch-only DPI engine: core masks, exact selection, stage planning, exact freezing
+and CPI-FT fusion.
 
 Nothing in this package imports transformers, trl or accelerate; the Trainer glue in :mod:`dpi_hf` builds on it.
 """
@@ -6,6 +7,7 @@ Nothing in this package imports transformers, trl or accelerate; the Trainer glu
 from .errors import DPIConfigError, FingerprintMismatchError, MaskFileError, ProbeDivergedError
 from .fingerprint import check_fingerprint, model_fingerprint
 from .freezing import ParameterFreezer
+from .fusion import TransplantMap, fuse_models, slerp
 from .masks import CoreMask
 from .planning import StagePlan, plan_stages
 from .selection import select_core, update_magnitudes
@@ -20,8 +22,10 @@ __all__ = [
     "ParameterFreezer",
     "ProbeDivergedError",
     "StagePlan",
+    "TransplantMap",
     "check_fingerprint",
     "engine_memory_per_rank",
+    "fuse_models",
     "load_cores",
     "model_fingerprint",
     "plan_stages",
@@ -29,6 +33,7 @@ __all__ = [
     "restore_parameters",
     "save_cores",
     "select_core",
+    "slerp",
     "snapshot_parameters",
     "update_magnitudes",
 ]

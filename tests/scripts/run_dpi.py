@@ -4,6 +4,7 @@ usage: run_dpi.py OUT_DIR [--kill-at PHASE:STEP | --kill-point NAME] [--resume [
   --kill-at probe-rev-half2:2   SIGKILL this process when phase `probe-rev-half2` reaches optimizer step 2
   --kill-point after-plan       SIGKILL it at a named point of the trainer (DPI_HF_KILL_AT)
   --resume [PATH]               resume (from the latest checkpoint, or from the checkpoint PATH)
+  --fusion                      fusion="cpi" (the stages start from the fused probe models)
   --report FILE           write per-rank facts (parameter hash, cores, plan) as JSON to FILE.<rank>
 """
 
@@ -46,6 +47,7 @@ def main():
     ap.add_argument("--kill-point")
     ap.add_argument("--no-checkpoints", action="store_true", help="save_strategy='no' (stages resume from scratch)")
     ap.add_argument("--resume", nargs="?", const=True, default=None)
+    ap.add_argument("--fusion", action="store_true")
     ap.add_argument("--report")
     ns = ap.parse_args()
     torch.set_num_threads(1)
@@ -61,6 +63,8 @@ def main():
                      overlap="raw")  # τ = 1 on the raw Jaccard: one stage per task, whatever the cores
     if ns.no_checkpoints:
         args.save_strategy = "no"
+    if ns.fusion:
+        args.fusion = "cpi"
     callbacks = [ReportStart()]
     if ns.kill_at:
         phase, step = ns.kill_at.split(":")
