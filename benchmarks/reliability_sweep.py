@@ -9,6 +9,12 @@ and |Σ g| ("gradsum") are selected (p = ``core_fraction``), so the lengths shar
 separate probes of those lengths would. Prints, and writes as JSON and Markdown: per signal and length, each task's
 reliability r, the half-level cross-task overlap, the reliability-corrected overlap, the random level, and the
 probe's CPU seconds; plus the time the gradient accumulators add to a probe step (a ratio in this run).
+
+With ``--no_step`` the probes take no optimizer step (``probe_updates_weights=False``): the gradient signals are
+accumulated over the same batches at θ0 and the gradients dropped before each step, so the table compares Σ g² at
+the current weights with Σ g² along a probe fine-tune (the run without the flag) on the same rows and halves.
+
+    python benchmarks/reliability_sweep.py recipes/compare-smollm2-cpu.yaml --steps 4 16 --no_step --out runs/rel-nostep
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ def cpu_seconds() -> float:
 class MultiSignalProbe(TrainerCallback):
     """Accumulate every gradient signal; at each checkpoint step select the core of every signal."""
 
-    def __init__(self, model, theta0, core_fraction, checkpoints):
+    def __init__(self, model, theta0, core_fraction, checkpoints, no_step=False):
         self.model, self.theta0, self.p = model, theta0, core_fraction
+        self.no_step = no_step
         self.checkpoints = set(checkpoints)
         self.acc = {s: ImportanceAccumulator(model, s) for s in GRADIENT_SIGNALS}
         self.cores: dict[tuple[str, int], object] = {}
@@ -62,6 +69,9 @@ class MultiSignalProbe(TrainerCallback):
         for a in self.acc.values():
             a.accumulate()
         self.accumulate_seconds += (time.perf_counter() - t) / len(self.acc)  # one signal's share
+        if self.no_step:  # as CoreProbeCallback(update_weights=False): the optimizer skips grad-less parameters
+            for p in self.model.parameters():
+                p.grad = None
 
     def on_step_end(self, args, state, control, **kw):
         self.step_seconds += time.perf_counter() - self._t_step
@@ -70,7 +80,8 @@ class MultiSignalProbe(TrainerCallback):
             t = time.perf_counter()
             c = cpu_seconds()
             self.cpu[step] = c - self._cpu0 - self._select_seconds
-            self.cores[("update", step)] = select_core(update_magnitudes(self.model, self.theta0), self.p)
+            if not self.no_step:
+                self.cores[("update", step)] = select_core(update_magnitudes(self.model, self.theta0), self.p)
             for s, a in self.acc.items():
                 self.cores[(s, step)] = select_core(a.importance(), self.p)
             self._select_seconds += cpu_seconds() - c
@@ -90,6 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/reliability")
+    ap.add_argument("--no_step", action="store_true", help="gradients at θ0, no optimizer step (gradient signals)")
     ns = ap.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -114,7 +126,7 @@ def main() -> None:
                 for n, p in model.named_parameters():
                     p.copy_(theta0[n])
             print(f"[sweep] {task} half {h + 1}/2: {last} steps on {len(half_rows)} rows", flush=True)
-            probe = MultiSignalProbe(model, theta0, ns.core_fraction, ns.steps)
+            probe = MultiSignalProbe(model, theta0, ns.core_fraction, ns.steps, no_step=ns.no_step)
             args = SFTConfig(output_dir=str(out / "tmp"), max_steps=last, per_device_train_batch_size=ns.batch_size,
                              learning_rate=ns.learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
                              warmup_steps=0, max_length=ns.max_length, save_strategy="no", report_to=[],
@@ -134,7 +146,7 @@ def main() -> None:
 
     tasks = list(halves)
     rows = []
-    for signal in SIGNALS:
+    for signal in (GRADIENT_SIGNALS if ns.no_step else SIGNALS):
         for steps in ns.steps:
             rep = reliability_report({t: (halves[t][0].cores[(signal, steps)], halves[t][1].cores[(signal, steps)])
                                       for t in tasks}, ns.core_fraction, tasks)
@@ -142,7 +154,8 @@ def main() -> None:
             cross = [rep.half_jaccard[i][j] for i in range(n) for j in range(i + 1, n)]
             corr = [rep.corrected_jaccard[i][j] for i in range(n) for j in range(i + 1, n)]
             cpu = sum(p.cpu[steps] for t in tasks for p in halves[t])
-            rows.append({"signal": signal, "steps": steps, "reliability": rep.reliability,
+            label = signal + ("-nostep" if ns.no_step else "")
+            rows.append({"signal": label, "steps": steps, "reliability": rep.reliability,
                          "half_jaccard": rep.half_jaccard, "corrected_jaccard": rep.corrected_jaccard,
                          "cross_min": min(cross), "cross_max": max(cross), "corrected_min": min(corr),
                          "corrected_max": max(corr), "random_level": rep.random_level,
