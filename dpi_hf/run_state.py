@@ -119,6 +119,19 @@ def run_identity(args: DPIConfig, task_train: dict[str, Dataset], fingerprint: d
     }
 
 
+def protected_run_identity(args: DPIConfig, train_dataset: Dataset, fingerprint: dict, protect_digest: str) -> dict:
+    """The identity of a protected single-dataset run (SFTTrainer plus ``protect_cores_from``): a digest of its
+    tokenized rows, the model's fingerprint, the protection fields, the protected cores file's digest, and the budget
+    and optimisation arguments with the world size — what a resume must find unchanged."""
+    return {
+        "rows": len(train_dataset), "digest": dataset_digest(train_dataset),
+        "model_fingerprint": {k: fingerprint[k] for k in ("sha256", "content")},
+        "protect_cores_from": args.protect_cores_from, "protect_tasks": args.protect_tasks,
+        "protect_digest": protect_digest,
+        "budget": {f: getattr(args, f, None) for f in _BUDGET_FIELDS} | {"world_size": args.world_size},
+    }
+
+
 def changed_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """'field: saved → current' for every field that differs between two run identities (nested dicts flattened)."""
     out = []

@@ -80,8 +80,10 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
     dpi_fields_changed,
     dpi_settings,
     kill_point,
+    check_protection_source,
     load_protected_cores,
     load_run_masks,
+    protected_run_identity,
     resume_state,
     run_identity,
 )
@@ -145,8 +147,10 @@ class DPITrainer(SFTTrainer):
         self.phase_records: list[PhaseRecord] = []
         self._phase_examples = 0
         self.protected, self.protection = None, None  # the frozen union of protect_cores_from, and its record
-        if args.protects and not isinstance(model, str):  # before the Trainer creates output_dir or anything else
-            self._load_protection(args, model)
+        if args.protects:  # before the Trainer creates output_dir or anything else
+            check_protection_source(args)  # no model needed: the artifact, its cores, the protected task names
+            if not isinstance(model, str):
+                self._load_protection(args, model)
         if self.tasks is None:
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, **kwargs)
@@ -276,20 +280,20 @@ class DPITrainer(SFTTrainer):
         return self._train_staged(resume_from_checkpoint, train_stages=True)
 
     def _check_protected_run(self, resume_from_checkpoint) -> None:
-        """A protected single-dataset run has an identity too: a resume must protect the same cores of the same
-        weights (the artifact's digest, the model's fingerprint and the protection fields)."""
+        """A protected single-dataset run has an identity too: a resume must train the same rows with the same budget
+        and protect the same cores of the same weights (see :func:`~dpi_hf.run_state.protected_run_identity`)."""
         self._base_output_dir = self.args.output_dir
-        identity = {
-            "model_fingerprint": {k: model_fingerprint(self.model)[k] for k in ("sha256", "content")},
-            **{f: getattr(self.args, f) for f in PROTECTION_FIELDS},
-            "protect_digest": self.protection["digest"],
-        }
+        identity = protected_run_identity(self.args, self.train_dataset, model_fingerprint(self.model),
+                                          self.protection["digest"])
         if resume_from_checkpoint:
             resume_state(self._runs_dir, resume_from_checkpoint, identity)
             return
-        if check_output_dir(self.args, resume=False) and self.is_world_process_zero():
+        used = check_output_dir(self.args, resume=False)  # every rank checks before rank 0 writes (no race)
+        self.accelerator.wait_for_everyone()
+        if used and self.is_world_process_zero():
             clear_run_state(self.args.output_dir)
         self._write_json(self._runs_dir / IDENTITY_FILE, identity)
+        self.accelerator.wait_for_everyone()
 
     def probe(self) -> StagePlan:
         """Run the probes and plan, write ``dpi/cores.safetensors``, ``dpi/plan.json`` (with the reliability report)
@@ -674,8 +678,10 @@ class DPITrainer(SFTTrainer):
 
     # ----------------------------------------------------------------------------------------------- hub
     def create_model_card(self, *args, **kwargs):
-        super().create_model_card(*args, **kwargs)
+        super().create_model_card(*args, **kwargs)  # TRL rewrites README.md: put the DPI section back
         if self.plan is not None and self.is_world_process_zero():
             write_model_card(self.args.output_dir, self.plan, self._settings())
+        elif self.protection is not None and self.is_world_process_zero():
+            write_model_card(self.args.output_dir, None, {"protected": self.protection})
 
 

@@ -23,7 +23,10 @@ def _probe(tmp_path, tokenizer, model, tasks, name="cores", **kw):
 def test_probe_cores_leaves_the_model_unchanged(tmp_path, tokenizer, tasks, updates):
     model = tiny_llama(tokenizer)
     before = _state(model)
-    cores, args = _probe(tmp_path, tokenizer, model, tasks, probe_updates_weights=updates, probe_steps=4)
+    # weight decay and accumulation: a no-step probe that zeroed the gradients instead of dropping them would still
+    # move every weight through AdamW's decoupled decay
+    cores, args = _probe(tmp_path, tokenizer, model, tasks, probe_updates_weights=updates, probe_steps=4,
+                         probe_weight_decay=0.3, gradient_accumulation_steps=2)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     core = cores["add"]
@@ -43,7 +46,7 @@ def test_no_step_probe_reads_the_gradients_at_the_current_weights(tmp_path, toke
     from trl import SFTTrainer
 
     model = tiny_llama(tokenizer)
-    args = dpi_args(tmp_path, max_steps=3, per_device_train_batch_size=4, max_grad_norm=0.0)
+    args = dpi_args(tmp_path, max_steps=3, per_device_train_batch_size=4, max_grad_norm=0.0, weight_decay=0.3)
     cb = CoreProbeCallback(0.05, signal="fisher", keep_importance=True, update_weights=False)
     trainer = SFTTrainer(model, args=args, train_dataset=tasks["add"], processing_class=tokenizer, callbacks=[cb])
     before = _state(model)
@@ -110,7 +113,7 @@ def test_protection_with_dpi_stages(tmp_path, tokenizer, tasks):
     before = _state(model)
     args = dpi_args(tmp_path, output_dir=str(tmp_path / "train"), protect_cores_from=str(tmp_path / "cores"),
                     protect_tasks=["old"], staging="given", stage_groups=[["rev"], ["upper"]], max_steps=4,
-                    weight_decay=0.1)
+                    weight_decay=0.1, freeze_cores=True)
     trainer = DPITrainer(model, args=args, train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]},
                          processing_class=tokenizer)
     trainer.train()
@@ -119,8 +122,11 @@ def test_protection_with_dpi_stages(tmp_path, tokenizer, tasks):
         if n in core:
             idx = core.indices(n)
             assert torch.equal(p.detach().flatten()[idx], before[n].flatten()[idx]), n
+    # stage 1 freezes the protected cores; stage 2 their union with rev's own core (the plan's frozen set)
     stages = [r for r in trainer.phase_records if r.kind == "stage"]
-    assert [r.frozen for r in stages] == [core.count(), core.count()]  # the baseline freezes nothing else
+    union = core.union(trainer.cores["rev"])
+    assert union.count() > core.count()
+    assert [r.frozen for r in stages] == [core.count(), union.count()]
     plan = json.loads((tmp_path / "train" / "dpi" / "plan.json").read_text())
     assert plan["protected"]["tasks"] == ["old"] and plan["protected"]["elements"] == core.count()
     assert "Protected cores" in (tmp_path / "train" / "README.md").read_text()
@@ -173,23 +179,41 @@ def test_protection_bad_input_fails_before_training(tmp_path, tokenizer, tasks):
 
 
 def test_protected_run_resume_checks_identity(tmp_path, tokenizer, tasks):
+    import shutil
+
     model = tiny_llama(tokenizer)
     _probe(tmp_path, tokenizer, model, tasks, name="cores")
     _probe(tmp_path, tokenizer, model, {"add": tasks["upper"]}, name="cores2")
-    base = dict(output_dir=str(tmp_path / "train"), max_steps=4, save_strategy="steps", save_steps=2)
+    base = dict(output_dir=str(tmp_path / "train"), max_steps=4, save_strategy="steps", save_steps=2,
+                weight_decay=0.1, learning_rate=5e-2)
     args = dpi_args(tmp_path, protect_cores_from=str(tmp_path / "cores"), **base)
-    DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"], processing_class=tokenizer).train()
+    full = DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"], processing_class=tokenizer)
+    full.train()
+    uninterrupted = _state(full.model)
     # a fresh run in the same output_dir is refused
     with pytest.raises(DPIConfigError, match="already holds a DPI run"):
         DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"], processing_class=tokenizer).train()
-    # resuming with other protected cores is refused, naming the field
+    # resuming with other protected cores is refused, naming the field ...
     other = dpi_args(tmp_path, protect_cores_from=str(tmp_path / "cores2"), **base)
     with pytest.raises(DPIConfigError, match="protect_cores_from"):
         DPITrainer(tiny_llama(tokenizer), args=other, train_dataset=tasks["rev"],
                    processing_class=tokenizer).train(resume_from_checkpoint=True)
-    # the same protection resumes
-    DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"],
-               processing_class=tokenizer).train(resume_from_checkpoint=True)
+    # ... and so is the same path holding other cores (the cores file's digest is part of the identity)
+    shutil.copytree(tmp_path / "cores", tmp_path / "cores-saved")
+    shutil.copy(tmp_path / "cores2" / "dpi" / "cores.safetensors", tmp_path / "cores" / "dpi" / "cores.safetensors")
+    with pytest.raises(DPIConfigError, match="protect_digest"):
+        DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"],
+                   processing_class=tokenizer).train(resume_from_checkpoint=True)
+    shutil.rmtree(tmp_path / "cores")
+    shutil.copytree(tmp_path / "cores-saved", tmp_path / "cores")
+    # as if killed after step 2: resuming from checkpoint-2 ends where the uninterrupted run ended, bit for bit
+    shutil.rmtree(tmp_path / "train" / "checkpoint-4")
+    resumed = DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks["rev"], processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    after = _state(resumed.model)
+    for n in uninterrupted:
+        assert torch.equal(after[n], uninterrupted[n]), n
 
 
 def test_protection_survives_cpi_fusion(tmp_path, tokenizer, tasks):
@@ -214,3 +238,16 @@ def test_protection_survives_cpi_fusion(tmp_path, tokenizer, tasks):
 def test_fusion_needs_probes_that_step(tmp_path):
     with pytest.raises(DPIConfigError, match="probe_updates_weights=False takes no step"):
         dpi_args(tmp_path, fusion="cpi", probe_updates_weights=False)
+
+
+def test_card_keeps_the_protection_after_create_model_card(tmp_path, tokenizer, tasks):
+    """TRL's create_model_card (push_to_hub, checkpoints) rewrites README.md; the protection section must survive."""
+    model = tiny_llama(tokenizer)
+    _probe(tmp_path, tokenizer, model, tasks)
+    args = dpi_args(tmp_path, output_dir=str(tmp_path / "train"), protect_cores_from=str(tmp_path / "cores"),
+                    max_steps=1)
+    trainer = DPITrainer(model, args=args, train_dataset=tasks["rev"], processing_class=tokenizer)
+    trainer.train()
+    trainer.create_model_card()
+    card = (tmp_path / "train" / "README.md").read_text()
+    assert card.count("<!-- dpi-hf:start -->") == 1 and "Protected cores: the cores of `add`" in card

@@ -104,9 +104,16 @@ def test_sequential_summary_by_hand():
         for s, c, sig, p, f, nb in [
             (0, "none", None, None, 0.10, 1.50), (0, "fisher 5%", "fisher", 0.05, 0.04, 1.52),
             (1, "none", None, None, 0.20, 1.40), (1, "fisher 5%", "fisher", 0.05, 0.05, 1.46),
+            (0, "random 5%", "random", 0.05, 0.09, 1.50), (1, "random 5%", "random", 0.05, 0.18, 1.40),
         ]
     ]
-    s = summarize(runs)["a->b"]["fisher 5%"]
+    summary = summarize(runs)["a->b"]
+    s = summary["fisher 5%"]
+    # pooled: 1 - mean F / mean F_none = 1 - 0.045 / 0.15 (fisher) and 1 - 0.135 / 0.15 (random)
+    assert s["pooled_share_removed"] == pytest.approx(0.7)
+    assert summary["random 5%"]["pooled_share_removed"] == pytest.approx(0.1)
+    assert s["vs_random"] == pytest.approx(7.0) and summary["random 5%"]["vs_random"] is None
+    assert s["share_removed"]["n"] == 2
     assert s["share_removed"]["values"] == pytest.approx([0.6, 0.75])
     assert s["share_removed"]["mean"] == pytest.approx(0.675)
     assert s["share_removed"]["std"] == pytest.approx(0.10606601717798213)

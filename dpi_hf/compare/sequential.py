@@ -282,27 +282,44 @@ def run_sequential(recipe, settings: SequentialSettings, output_dir, training: d
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per pair and condition: mean and sd over seeds of forgetting, share removed, learning and cost."""
+    """Per pair and condition, over seeds (mean, sample sd, the values and their number ``n``): forgetting of A,
+    learning of B, NLLs, seconds per step, and against the same seed's unprotected run the share of forgetting
+    removed (1 − F / F_none; a seed whose unprotected forgetting is ≤ 0 has no share and is left out, so its ``n`` is
+    smaller) and the cost on B (NLL_B − NLL_B of none). Also ``pooled_share_removed`` = 1 − mean F / mean F_none
+    over the seeds that have both (robust to a seed with tiny F_none) and ``vs_random``: the pooled share divided by
+    the random control's pooled share at the same p."""
     by_seed_none = {(r["pair"], r["seed"]): r for r in runs if r["condition"] == "none"}
     summary: dict[str, dict[str, Any]] = {}
+    keys = ("forgetting", "share_removed", "learning", "cost", "nll_a", "nll_b", "seconds_per_step")
     for r in runs:
         base = by_seed_none.get((r["pair"], r["seed"]))
         entry = summary.setdefault(r["pair"], {}).setdefault(r["condition"], {
-            "signal": r["signal"], "core_fraction": r["core_fraction"], "seeds": [], "forgetting": [],
-            "share_removed": [], "learning": [], "cost": [], "nll_a": [], "nll_b": [], "seconds_per_step": []})
+            "signal": r["signal"], "core_fraction": r["core_fraction"], "elements": r.get("elements", 0),
+            "seeds": [], "_paired": [], **{k: [] for k in keys}})
         entry["seeds"].append(r["seed"])
         for k in ("forgetting", "learning", "nll_a", "nll_b", "seconds_per_step"):
             entry[k].append(r[k])
         if base is not None:
             entry["cost"].append(r["nll_b"] - base["nll_b"])
+            entry["_paired"].append((r["forgetting"], base["forgetting"]))
             if base["forgetting"] > 0:
                 entry["share_removed"].append(1.0 - r["forgetting"] / base["forgetting"])
     for pair in summary.values():
         for entry in pair.values():
-            for k in ("forgetting", "share_removed", "learning", "cost", "nll_a", "nll_b", "seconds_per_step"):
+            paired = entry.pop("_paired")
+            f_none = statistics.fmean(b for _, b in paired) if paired else None
+            entry["pooled_share_removed"] = (1.0 - statistics.fmean(f for f, _ in paired) / f_none
+                                             if f_none and f_none > 0 else None)
+            for k in keys:
                 xs = [x for x in entry[k] if x is not None]
                 entry[k] = {"mean": statistics.fmean(xs) if xs else None,
-                            "std": statistics.stdev(xs) if len(xs) > 1 else None, "values": xs}
+                            "std": statistics.stdev(xs) if len(xs) > 1 else None, "values": xs, "n": len(xs)}
+        for name, entry in pair.items():
+            control = next((e for e in pair.values() if e["signal"] == "random"
+                            and e["core_fraction"] == entry["core_fraction"]), None)
+            ours, theirs = entry["pooled_share_removed"], control["pooled_share_removed"] if control else None
+            entry["vs_random"] = ours / theirs if ours is not None and theirs and theirs > 0 \
+                and entry["signal"] not in (None, "random") else None
     return summary
 
 
@@ -311,28 +328,33 @@ def _fmt(stat, signed=False, pct=False):
         return "—"
     m, s = stat["mean"], stat["std"]
     if pct:
-        return f"{100 * m:.0f}%" + (f" ± {100 * s:.0f}" if s is not None else "")
+        return f"{100 * m:.0f}%" + (f" ± {100 * s:.0f}%" if s is not None else "")
     f = "{:+.4f}" if signed else "{:.4f}"
     return f.format(m) + (f" ± {s:.4f}" if s is not None else "")
 
 
 def format_table(summary: dict) -> str:
+    """Markdown: one table per pair, one row per condition (mean ± sd over seeds)."""
     lines = []
     for pair, conds in summary.items():
         a, b = pair.split("->")
         none = conds.get("none")
-        n = len(none["seeds"]) if none else 0
-        lines += [f"### {a} → {b} ({n} seeds; mean ± sd)", "",
+        n = none["forgetting"]["n"] if none else 0
+        lines += [f"### {a} → {b} ({n} seeds; mean ± sd over seeds)", "",
                   f"| protected during {b} | elements | forgetting of {a} (NLL) | share of forgetting removed | "
-                  f"{b} NLL | cost on {b} | s/step ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"pooled share | × random | {b} NLL | cost on {b} | s/step vs none |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         base_speed = none["seconds_per_step"]["mean"] if none else None
         for name, e in conds.items():
             speed = e["seconds_per_step"]["mean"]
             ratio = f"{speed / base_speed:.3f}" if base_speed and speed else "—"
-            lines.append(f"| {name} | {e['elements'] if 'elements' in e else ''} | {_fmt(e['forgetting'], True)} | "
-                         f"{_fmt(e['share_removed'], pct=True) if name != 'none' else '—'} | {_fmt(e['nll_b'])} | "
-                         f"{_fmt(e['cost'], True) if name != 'none' else '—'} | {ratio} |")
+            share = "—" if name == "none" else _fmt(e["share_removed"], pct=True) + (
+                f" (n={e['share_removed']['n']})" if e["share_removed"]["n"] != e["forgetting"]["n"] else "")
+            pooled = "—" if name == "none" or e["pooled_share_removed"] is None else \
+                f"{100 * e['pooled_share_removed']:.0f}%"
+            vs = f"{e['vs_random']:.1f}×" if e["vs_random"] is not None else "—"
+            lines.append(f"| {name} | {e['elements']:,} | {_fmt(e['forgetting'], True)} | {share} | {pooled} | {vs} | "
+                         f"{_fmt(e['nll_b'])} | {_fmt(e['cost'], True) if name != 'none' else '—'} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -341,9 +363,6 @@ def _write_results(out: Path, runs: list[dict], settings: SequentialSettings) ->
     from ..core.io import atomic_write_text
 
     summary = summarize(runs)
-    for pair, conds in summary.items():
-        for name, e in conds.items():
-            e["elements"] = next((r["elements"] for r in runs if r["pair"] == pair and r["condition"] == name), 0)
     results = {"settings": settings.__dict__, "runs": runs, "summary": summary}
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     atomic_write_text(out / TABLE_FILE, format_table(summary))
@@ -368,6 +387,11 @@ def plot_sequential(path: Path, summary: dict) -> None:
         colors = ["0.6" if e["signal"] == "random" else "C0" if e["signal"] in ("fisher", "fisher-nostep") else "C1"
                   for _, e in conds]
         ax.bar(xs, means, yerr=stds, color=colors, capsize=3)
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color="C0", label="Σg² (fisher, fisher-nostep)"),
+                           Patch(color="C1", label="|Σg| (gradsum), |θ−θ_A| (update)"),
+                           Patch(color="0.6", label="random subset, same size")], fontsize=7, loc="upper left")
         for x, (_, e) in zip(xs, conds):
             ax.scatter([x] * len(e["share_removed"]["values"]), [100 * v for v in e["share_removed"]["values"]],
                        color="k", s=8, zorder=3)

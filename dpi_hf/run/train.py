@@ -139,12 +139,12 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
 
     args = recipe.args
     output_dir = Path(args.output_dir)
-    if len(recipe.tasks) > 1 or args.protects:
+    if len(recipe.tasks) > 1 or args.protects:  # a used output_dir is refused before any data or model is loaded
         check_output_dir(args)
-    if args.protects:  # a missing artifact or an unknown protected task fails before any data or model is loaded
+    if args.protects:  # so are a missing artifact and an unknown protected task
         from ..run_state import check_protection_source
 
-        check_protection_source(args)  # a used output_dir is refused before any data or model is loaded
+        check_protection_source(args)
     log(f"[dpi-hf] recipe {recipe.source or '<dict>'}: {len(recipe.tasks)} tasks {recipe.task_names}, model "
         f"{recipe.model.name_or_path}, output {output_dir}")
 
