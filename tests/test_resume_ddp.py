@@ -148,6 +148,18 @@ def test_ddp_two_processes(tmp_path, reference):
 
 
 @pytest.mark.distributed
+def test_ddp_two_processes_with_fusion(tmp_path):
+    """fusion='cpi' under DDP: only rank 0 fuses, every rank loads the same fused file and ends identical."""
+    out = tmp_path / "run"
+    r = run(str(out), "--fusion", "--report", str(tmp_path / "rep"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ranks = [json.loads(Path(f"{tmp_path / 'rep'}.{i}").read_text()) for i in range(2)]
+    assert ranks[0]["world_size"] == 2 and ranks[0] == ranks[1]
+    assert (out / "dpi" / "transplant.safetensors").is_file() and (out / "_dpi_runs" / "fused.safetensors").is_file()
+    assert_frozen_intact(out)
+
+
+@pytest.mark.distributed
 def test_fsdp2_sharded_freeze(tmp_path):
     """FSDP2 shards parameters on dim 0 across 2 CPU ranks; the mask is applied per local shard."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
