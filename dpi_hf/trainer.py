@@ -489,7 +489,8 @@ class DPITrainer(SFTTrainer):
 
     @property
     def _fuses(self) -> bool:
-        return self.args.fusion == "cpi"
+        # probe() trains no stage, so nothing would use the probe models: keep none (a model's size each on disk)
+        return self.args.fusion == "cpi" and getattr(self, "_stages_follow", True)
 
     def _fuse(self, plan: StagePlan, cores) -> dict:
         """Start the stages from the CPI-FT fusion of the probe models (fused now, or reloaded on resume); returns
@@ -574,6 +575,7 @@ class DPITrainer(SFTTrainer):
 
     def _train_staged(self, resume_from_checkpoint, train_stages: bool) -> TrainOutput:
         a = self.args
+        self._stages_follow = train_stages
         self._base_output_dir = a.output_dir
         t_start = time.perf_counter()
         resume = bool(resume_from_checkpoint)

@@ -109,3 +109,12 @@ def test_stage_budget_properties(tmp_path):
     assert epochs.stage_num_train_epochs == 1.5 and epochs.stage_max_steps == -1
     plain = dpi_args(tmp_path, max_steps=6, num_train_epochs=3)
     assert plain.stage_max_steps == 6 and plain.stage_num_train_epochs == 3
+
+
+def test_probe_only_keeps_no_probe_models(tmp_path, tokenizer, tasks):
+    """probe() trains no stage: with fusion='cpi' set it must not leave a model's size on disk per probe."""
+    args = dpi_args(tmp_path, fusion="cpi", probe_steps=2)
+    trainer = DPITrainer(tiny_llama(tokenizer), args=args, train_dataset=tasks, processing_class=tokenizer)
+    trainer.probe()
+    assert (tmp_path / "out" / "dpi" / "cores.safetensors").is_file()
+    assert not (tmp_path / "out" / "_dpi_runs" / "probe-models").exists()
