@@ -49,6 +49,10 @@ def _validate(path: Path):
     overrides = {"data_dir": str(SHARED_DATA)} if "${data_dir}" in path.read_text() else {}
     if raw_text.get("bf16"):
         overrides["use_cpu"] = True
+    if "sequential" in raw_text:
+        from dpi_hf.compare.sequential import load_sequential_recipe
+
+        return load_sequential_recipe(path, overrides)[0]
     if "compare" in raw_text or "sweep" in raw_text:
         from dpi_hf.compare import load_compare_recipe
 

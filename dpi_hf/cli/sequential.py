@@ -3,7 +3,6 @@ report forgetting, learning, the share of forgetting removed and its cost (see :
 
 from __future__ import annotations
 
-from ..core.errors import DPIConfigError
 from .common import add_seeds_and_resume, verb_parser
 from .output import setup_output
 
@@ -29,15 +28,13 @@ def add_parser(subparsers, parents=()):
 
 def run(args, overrides) -> int:
     """``dpi-hf sequential``: run the scenario and print its table; returns 0."""
+    import json
     import shutil
     from pathlib import Path
 
-    from ..compare.sequential import TABLE_FILE, SequentialSettings, run_sequential
-    from ..run.environment import apply_runtime, prepare_raw
-    import json
-
-    from ..run.reading import SECTIONS, parse_overrides, read_recipe
-    from ..run.recipe import Recipe
+    from ..compare.sequential import TABLE_FILE, load_sequential_recipe, run_sequential
+    from ..run.environment import apply_runtime
+    from ..run.reading import SECTIONS, parse_overrides
 
     setup_output()
     # --sequential.KEY VALUE tokens set the scenario's own section; the rest are ordinary recipe overrides
@@ -45,13 +42,7 @@ def run(args, overrides) -> int:
     mine = {k.split(".", 1)[1].replace("-", "_"): v for k, v in pairs if k.startswith("sequential.")}
     rest = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in pairs
             if not k.startswith("sequential.")]  # JSON is YAML: read_recipe parses the values back unchanged
-    raw = read_recipe(args.recipe, rest)
-    section = {**(raw.pop("sequential", None) or {}), **mine}
-    prepare_raw(raw)
-    recipe = Recipe.from_dict(raw, source=args.recipe)
-    if len(recipe.tasks) < 2:
-        raise DPIConfigError(f"dpi-hf sequential needs at least two tasks; {args.recipe} has {len(recipe.tasks)}.")
-    settings = SequentialSettings.from_dict(section, [t.name for t in recipe.tasks])
+    recipe, settings, raw = load_sequential_recipe(args.recipe, rest, mine)
     if args.seeds:
         settings.seeds = list(args.seeds)
     apply_runtime(recipe)

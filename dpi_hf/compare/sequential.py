@@ -97,6 +97,31 @@ class SequentialSettings:
         return out
 
 
+def load_sequential_recipe(path, overrides=(), section_overrides: dict | None = None):
+    """Read a sequential recipe: an ordinary recipe plus the ``sequential:`` section.
+
+    Args:
+        path: the YAML file.
+        overrides: recipe overrides, as :func:`~dpi_hf.run.reading.read_recipe` takes them (default none).
+        section_overrides: keys of the ``sequential:`` section to replace (default none).
+
+    Returns:
+        ``(recipe, settings, raw)``: the validated :class:`~dpi_hf.run.recipe.Recipe`, the
+        :class:`SequentialSettings`, and the resolved mapping (its keys say which training fields the recipe sets).
+    """
+    from ..run.environment import prepare_raw
+    from ..run.reading import read_recipe
+    from ..run.recipe import Recipe
+
+    raw = read_recipe(path, overrides)
+    section = {**(raw.pop("sequential", None) or {}), **(section_overrides or {})}
+    prepare_raw(raw)  # before huggingface_hub is imported: offline when the recipe wants it
+    recipe = Recipe.from_dict(raw, source=str(path))
+    if len(recipe.tasks) < 2:
+        raise DPIConfigError(f"a sequential recipe needs at least two tasks; {path} has {len(recipe.tasks)}.")
+    return recipe, SequentialSettings.from_dict(section, [t.name for t in recipe.tasks]), raw
+
+
 def _pct(p: float) -> str:
     return f"{100 * p:g}%"
 
