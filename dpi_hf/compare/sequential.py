@@ -273,13 +273,17 @@ def run_sequential(recipe, settings: SequentialSettings, output_dir, training: d
             importance = _probe_importance(model, tok, tasks[a_task]["train"], training, args, run_dir / "probe",
                                            seed, settings.no_step)
             probe_seconds = time.perf_counter() - t0
+            # every core now, then drop the importance (one model-sized float32 tensor set per signal)
+            cores = {(signal, p): select_core(importance[signal], p) for _, signal, p in todo
+                     if signal not in (None, "random")}
+            del importance
             for name, signal, p in todo:
                 restore_parameters(model, theta_a)
                 extra = {}
                 elements = 0
                 if signal is not None:
                     core = random_core(model, p, seed=1000 * seed + round(1e4 * p)) if signal == "random" \
-                        else select_core(importance[signal], p)
+                        else cores[(signal, p)]
                     elements = core.count()
                     cdir = _write_core(run_dir / "cores" / name.replace(" ", "-").replace("%", "pct"), a_task, core,
                                        fingerprint, {"core_fraction": p, "core_signal": signal})
@@ -302,7 +306,7 @@ def run_sequential(recipe, settings: SequentialSettings, output_dir, training: d
                 log(f"[sequential]   NLL {a_task} {nll_a:.4f} (forgetting {nll_a - nll_a0:+.4f}), "
                     f"{b_task} {nll_b:.4f}")
                 _write_results(out, done, settings)
-            del model, theta_a, importance
+            del model, theta_a, cores
     return _write_results(out, done, settings)
 
 
