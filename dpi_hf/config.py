@@ -101,8 +101,9 @@ class DPIConfig(SFTConfig):
             Whether the probes take optimizer steps (a short fine-tune). `False`, with a gradient `core_signal`
             (`"fisher"` or `"gradsum"`): each probe accumulates the gradients of `probe_steps` batches at the current
             weights and never steps, so the model does not move, no θ0 copy is kept and no optimizer state is built.
-            Measured on SmolLM2-135M, Σ g² at the current weights is about as reproducible as Σ g² over a probe
-            fine-tune of the same length (docs/results.md, "Protecting what a model already knows").
+            Measured on SmolLM2-135M, Σ g² at the current weights is at least as reproducible as Σ g² over a probe
+            fine-tune of the same length, and its cores protect as well (docs/results.md, "Protecting what a model
+            already knows").
         protect_cores_from (`str` or `None`, defaults to `None`):
             A directory (a run's `output_dir` or its `dpi/` folder, e.g. from `probe_cores` or `dpi-hf probe`) or a
             Hub repo id whose cores stay frozen, bit-exact, for the whole training: with one dataset DPITrainer is
