@@ -14,6 +14,14 @@ def _state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _assert_unchanged_on(model, core, before):
+    """Every element of ``core`` holds its value from ``before``, bit for bit."""
+    for n, p in model.named_parameters():
+        if n in core:
+            idx = core.indices(n)
+            assert torch.equal(p.detach().flatten()[idx], before[n].flatten()[idx]), n
+
+
 def _probe(tmp_path, tokenizer, model, tasks, name="cores", **kw):
     args = dpi_args(tmp_path, output_dir=str(tmp_path / name), **kw)
     return probe_cores(model, {t: tasks[t] for t in ("add",)}, args, processing_class=tokenizer), args
@@ -118,10 +126,7 @@ def test_protection_with_dpi_stages(tmp_path, tokenizer, tasks):
                          processing_class=tokenizer)
     trainer.train()
     core = cores["old"]
-    for n, p in model.named_parameters():
-        if n in core:
-            idx = core.indices(n)
-            assert torch.equal(p.detach().flatten()[idx], before[n].flatten()[idx]), n
+    _assert_unchanged_on(model, core, before)
     # stage 1 freezes the protected cores; stage 2 their union with rev's own core (the plan's frozen set)
     stages = [r for r in trainer.phase_records if r.kind == "stage"]
     union = core.union(trainer.cores["rev"])
@@ -228,10 +233,7 @@ def test_protection_survives_cpi_fusion(tmp_path, tokenizer, tasks):
                          processing_class=tokenizer)
     trainer.train()
     core = cores["old"]
-    for n, p in model.named_parameters():
-        if n in core:
-            idx = core.indices(n)
-            assert torch.equal(p.detach().flatten()[idx], before[n].flatten()[idx]), n
+    _assert_unchanged_on(model, core, before)
     assert (tmp_path / "train" / "dpi" / "transplant.safetensors").is_file()
 
 

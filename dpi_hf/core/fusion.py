@@ -184,13 +184,8 @@ class TransplantMap:
     def load(cls, path) -> TransplantMap:
         """Read a map written by :meth:`save`."""
         path = Path(path)
-        if not path.is_file():
-            raise MaskFileError(f"no transplant map at {str(path)!r}; it is written by a run with fusion='cpi'.")
+        dpi = json.loads(cls._checked_metadata(path)["dpi"])
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != TRANSPLANT_FORMAT:
-                raise MaskFileError(f"{str(path)!r} is not a dpi-hf transplant map (format {meta.get('format')!r}).")
-            dpi = json.loads(meta["dpi"])
             names = sorted({k.rsplit("::", 1)[0] for k in f.keys()})
             entries = {n: (f.get_tensor(f"{n}::indices"), f.get_tensor(f"{n}::owner")) for n in names}
         order = {n: i for i, n in enumerate(dpi["shapes"])}
@@ -200,14 +195,19 @@ class TransplantMap:
     @staticmethod
     def read_summary(path) -> dict:
         """The :meth:`summary` of the map saved at ``path`` (and its extra metadata), read from the header alone."""
-        path = Path(path)
+        meta = TransplantMap._checked_metadata(Path(path))
+        return {k: v for k, v in json.loads(meta["dpi"]).items() if k != "shapes"}
+
+    @staticmethod
+    def _checked_metadata(path: Path) -> dict:
+        """The header metadata of the map at ``path``; a missing file or another format is a MaskFileError."""
         if not path.is_file():
             raise MaskFileError(f"no transplant map at {str(path)!r}; it is written by a run with fusion='cpi'.")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != TRANSPLANT_FORMAT:
             raise MaskFileError(f"{str(path)!r} is not a dpi-hf transplant map (format {meta.get('format')!r}).")
-        return {k: v for k, v in json.loads(meta["dpi"]).items() if k != "shapes"}
+        return meta
 
     def __repr__(self) -> str:
         owned = ", ".join(str(c) for c in self.summary()["owned"])
