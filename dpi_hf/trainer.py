@@ -604,6 +604,8 @@ class DPITrainer(SFTTrainer):
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
             save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
+        if self.protection is not None:  # beside plan.json's copy: the same file a one-dataset protected run writes
+            self._write_json(self._dpi_dir / PROTECTED_FILE, self.protection)
         kill_point("after-plan")
         self.log({f"dpi/core_size/{t}": float(c) for t, c in plan.core_counts.items()}
                  | {"dpi/num_stages": float(len(plan.stages))})

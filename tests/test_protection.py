@@ -134,6 +134,7 @@ def test_protection_with_dpi_stages(tmp_path, tokenizer, tasks):
     assert [r.frozen for r in stages] == [core.count(), union.count()]
     plan = json.loads((tmp_path / "train" / "dpi" / "plan.json").read_text())
     assert plan["protected"]["tasks"] == ["old"] and plan["protected"]["elements"] == core.count()
+    assert json.loads((tmp_path / "train" / "dpi" / "protected.json").read_text()) == plan["protected"]
     assert "Protected cores" in (tmp_path / "train" / "README.md").read_text()
 
 
