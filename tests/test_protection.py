@@ -22,6 +22,14 @@ def _assert_unchanged_on(model, core, before):
             assert torch.equal(p.detach().flatten()[idx], before[n].flatten()[idx]), n
 
 
+def _model_with_old_core(tmp_path, tokenizer, tasks):
+    """A tiny model, the core of its skill "old" (the add task) in tmp_path/cores, and its weights before training."""
+    model = tiny_llama(tokenizer)
+    cores = probe_cores(model, {"old": tasks["add"]}, dpi_args(tmp_path, output_dir=str(tmp_path / "cores")),
+                        processing_class=tokenizer)
+    return model, cores["old"], _state(model)
+
+
 def _probe(tmp_path, tokenizer, model, tasks, name="cores", **kw):
     args = dpi_args(tmp_path, output_dir=str(tmp_path / name), **kw)
     return probe_cores(model, {t: tasks[t] for t in ("add",)}, args, processing_class=tokenizer), args
@@ -115,17 +123,13 @@ def test_protection_is_bit_exact_through_a_single_dataset_run(tmp_path, tokenize
 
 def test_protection_with_dpi_stages(tmp_path, tokenizer, tasks):
     """Several tasks: the protected cores stay frozen in every stage, on top of the plan's own frozen cores."""
-    model = tiny_llama(tokenizer)
-    cores = probe_cores(model, {"old": tasks["add"]}, dpi_args(tmp_path, output_dir=str(tmp_path / "cores")),
-                        processing_class=tokenizer)
-    before = _state(model)
+    model, core, before = _model_with_old_core(tmp_path, tokenizer, tasks)
     args = dpi_args(tmp_path, output_dir=str(tmp_path / "train"), protect_cores_from=str(tmp_path / "cores"),
                     protect_tasks=["old"], staging="given", stage_groups=[["rev"], ["upper"]], max_steps=4,
                     weight_decay=0.1, freeze_cores=True)
     trainer = DPITrainer(model, args=args, train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]},
                          processing_class=tokenizer)
     trainer.train()
-    core = cores["old"]
     _assert_unchanged_on(model, core, before)
     # stage 1 freezes the protected cores; stage 2 their union with rev's own core (the plan's frozen set)
     stages = [r for r in trainer.phase_records if r.kind == "stage"]
@@ -224,16 +228,12 @@ def test_protected_run_resume_checks_identity(tmp_path, tokenizer, tasks):
 
 def test_protection_survives_cpi_fusion(tmp_path, tokenizer, tasks):
     """The fused backbone replaces the weights the stages start from; protected elements keep their values."""
-    model = tiny_llama(tokenizer)
-    cores = probe_cores(model, {"old": tasks["add"]}, dpi_args(tmp_path, output_dir=str(tmp_path / "cores")),
-                        processing_class=tokenizer)
-    before = _state(model)
+    model, core, before = _model_with_old_core(tmp_path, tokenizer, tasks)
     args = dpi_args(tmp_path, output_dir=str(tmp_path / "train"), protect_cores_from=str(tmp_path / "cores"),
                     fusion="cpi", max_steps=3, probe_steps=2)
     trainer = DPITrainer(model, args=args, train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]},
                          processing_class=tokenizer)
     trainer.train()
-    core = cores["old"]
     _assert_unchanged_on(model, core, before)
     assert (tmp_path / "train" / "dpi" / "transplant.safetensors").is_file()
 

@@ -20,7 +20,6 @@ seeds: mean and sample standard deviation. Finished (pair, seed, condition) resu
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,6 @@ from transformers import TrainerCallback
 
 from ..core.errors import DPIConfigError
 from ..utils import check_unknown_keys
-
-logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "sequential.json"
 TABLE_FILE = "sequential.md"
