@@ -546,7 +546,7 @@ class DPITrainer(SFTTrainer):
         cores, half_cores = self._probe_all(theta0, resume)
         if not half_cores:
             return cores, None
-        return cores, reliability_report(half_cores, a.core_fraction, tasks=list(self.tasks))
+        return cores, reliability_report(half_cores, a.core_fraction, tasks=list(self.tasks), signal=a.core_signal)
 
     def _check_reliability(self, reliability: ReliabilityReport | None) -> None:
         if reliability is None or not reliability.unreliable:

@@ -156,8 +156,12 @@ def test_tables_and_plots_are_written(comparison):
     for text in ("| method | gsm8k (acc %) | logiqa (acc %) | code (CodeBLEU) | chat (ROUGE-L proxy) | macro (0-10) |",
                  "| base |", "| dpi |", "| cpi |", "probe s", "total examples",
                  "Same number of training examples for every run: **NO**",
-                 "### multistage_random, seed 0", "## DPI diagnostics", "Jaccard overlap", "**proxy**"):
+                 "### multistage_random, seed 0", "## DPI diagnostics", "Jaccard overlap", "**proxy**",
+                 "## Against multitask, paired by seed", "| cpi |"):
         assert text in table, text
+    assert results["paired"]["reference"] == "multitask"
+    assert list(results["paired"]["methods"]) == [m for m in METHODS if m != "multitask"]
+    assert results["paired"]["methods"]["dpi"]["seeds"] == [0]
     for plot in ("scores.png", "forgetting.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG" and (out / plot).stat().st_size > 5000
 
@@ -286,3 +290,31 @@ def test_compare_command_from_a_recipe(tmp_path, tokenizer, capsys):
     assert all(r["train_examples"] == 4 * BATCH and r["after_stages"] == [] for r in results["runs"])
     assert results["task_metrics"]["chat"] == ["rougeL_proxy"]  # the NLL is always there, not an extra column
     assert "| multitask |" in capsys.readouterr().out
+
+
+def test_paired_differences_against_multitask_by_hand():
+    from dpi_hf.compare.summary import paired_differences
+    from dpi_hf.compare.tables import _paired_lines
+
+    def run(method, seed, a, b, macro):
+        return {"method": method, "seed": seed, "macro": macro, "tasks": {"a": {"nll": a}, "b": {"nll": b}}}
+
+    runs = [run("multitask", 0, 1.0, 2.0, 3.0), run("multitask", 1, 1.2, 2.2, 4.0),
+            run("dpi", 0, 0.9, 2.1, 3.5), run("dpi", 1, 1.0, 2.0, 3.0),
+            run("cpi", 1, 1.3, 2.3, None)]  # cpi ran one seed and has no macro: its pairs are only seed 1's NLL
+    paired = paired_differences(runs, ["a", "b"], ["multitask", "dpi", "cpi"], "multitask")
+    assert set(paired) == {"dpi", "cpi"}
+    dpi = paired["dpi"]
+    # mean NLL differences: seed 0 (1.5 - 1.5) = 0, seed 1 (1.5 - 1.7) = -0.2
+    assert dpi["seeds"] == [0, 1] and dpi["lower_nll"] == 1
+    assert dpi["mean_nll"]["mean"] == pytest.approx(-0.1) and dpi["mean_nll"]["std"] == pytest.approx(0.02 ** 0.5)
+    assert dpi["nll"]["a"]["mean"] == pytest.approx((-0.1 - 0.2) / 2)
+    assert dpi["macro"]["mean"] == pytest.approx((0.5 - 1.0) / 2) and dpi["higher_macro"] == 1
+    cpi = paired["cpi"]
+    assert cpi["seeds"] == [1] and cpi["mean_nll"]["mean"] == pytest.approx(0.1) and cpi["mean_nll"]["std"] is None
+    assert cpi["macro"] == {"mean": None, "std": None, "n": 0} and cpi["lower_nll"] == 0
+    text = "\n".join(_paired_lines({"reference": "multitask", "methods": paired}, ["a", "b"]))
+    assert "## Against multitask, paired by seed" in text
+    assert "| dpi | -0.100 ± 0.141 | 1/2 | -0.150 ± 0.071 | -0.050 ± 0.212 | -0.25 ± 1.06 | 1/2 |" in text
+    assert "| cpi | 0.100 | 0/1 |" in text
+    assert _paired_lines({"reference": None, "methods": {}}, ["a"]) == []

@@ -45,6 +45,12 @@ def test_corrected_overlap_is_clipped_and_unreliable_tasks_are_named():
     noise = reliability_report({"a": (mask(0), mask(1)), "b": (mask(2), mask(3))}, core_fraction=0.1)
     assert noise.reliability == {"a": 0.0, "b": 0.0} and noise.corrected_jaccard[0][1] == 0.0
     assert "random level" in noise.unreliable["a"]
+    assert "core_signal='fisher'" in noise.unreliable["a"] and "core_signal='fisher'" in rep.unreliable["a"]
+    # cores already from a gradient signal: the fix is more probe data, not the signal they already use
+    for signal in ("fisher", "gradsum"):
+        for r in (reliability_report(halves, core_fraction=0.2, signal=signal),
+                  reliability_report({"a": (mask(0), mask(1)), "b": (mask(2), mask(3))}, 0.1, signal=signal)):
+            assert all("core_signal" not in text and "probe_steps" in text for text in r.unreliable.values())
 
 
 def test_plan_groups_on_the_chosen_matrix():

@@ -32,10 +32,38 @@ def summarise(records: list[dict], tasks: list[str]) -> dict:
                               "extra": {m: mean_std([e.get("extra", {}).get(m) for e in entries])
                                         for m in extra_names}}
     out["macro"] = mean_std([r["macro"] for r in records])
+    out["mean_nll"] = mean_std([statistics.fmean(r["tasks"][t]["nll"] for t in tasks) for r in records])
     for key in ("train_examples", "train_steps", "train_seconds", "probe_examples", "probe_seconds",
                 "total_examples", "total_steps", "eval_seconds"):
         out[key] = mean_std([r.get(key) for r in records])
     out["forgetting"] = mean_std([r["forgetting"]["mean"] for r in records if "forgetting" in r])
+    return out
+
+
+def paired_differences(runs: list[dict], tasks: list[str], methods: list[str], reference: str) -> dict:
+    """Each method against ``reference``, seed by seed: the seed moves both runs alike (same data order where the
+    stages allow), so the difference's spread over seeds is the noise a claim must beat, not the two methods' own.
+
+    Returns ``{method: {"mean_nll": mean_std of (method − reference) mean NLL, "lower_nll": seeds where the method's
+    mean NLL is lower, "macro": mean_std of the macro-score difference, "higher_macro": seeds where it is higher,
+    "nll": {task: mean_std of the task's NLL difference}, "seeds": the seeds both ran}}`` for every other method.
+    """
+    by_key = {(r["method"], r["seed"]): r for r in runs}
+    out: dict[str, Any] = {}
+    for method in methods:
+        if method == reference:
+            continue
+        seeds = sorted(s for m, s in by_key if m == method and (reference, s) in by_key)
+        pairs = [(by_key[(method, s)], by_key[(reference, s)]) for s in seeds]
+        nll = [statistics.fmean(a["tasks"][t]["nll"] for t in tasks) - statistics.fmean(b["tasks"][t]["nll"]
+                                                                                        for t in tasks)
+               for a, b in pairs]
+        macro = [a["macro"] - b["macro"] for a, b in pairs if a["macro"] is not None and b["macro"] is not None]
+        out[method] = {"mean_nll": mean_std(nll), "lower_nll": sum(d < 0 for d in nll),
+                       "macro": mean_std(macro), "higher_macro": sum(d > 0 for d in macro),
+                       "nll": {t: mean_std([a["tasks"][t]["nll"] - b["tasks"][t]["nll"] for a, b in pairs])
+                               for t in tasks},
+                       "seeds": seeds}
     return out
 
 
@@ -48,9 +76,13 @@ def assemble(ctx: RunContext, runs: list[dict], base: dict | None, methods: list
         summary = {"base": summarise([base], tasks), **summary}
     examples = {f"{r['method']}/seed-{r['seed']}": r["train_examples"] for r in runs}
     totals = {f"{r['method']}/seed-{r['seed']}": r.get("total_examples") for r in runs}
+    # the paper's baseline is the mixture: every other method is judged against it, seed by seed
+    reference = "multitask" if "multitask" in methods and len(methods) > 1 else None
+    paired = {"reference": reference,
+              "methods": paired_differences(runs, tasks, methods, reference) if reference else {}}
     return {
         "tasks": tasks, "task_metrics": ctx.task_metrics, "methods": methods, "seeds": seeds,
-        "base": base, "runs": runs, "summary": summary,
+        "base": base, "runs": runs, "summary": summary, "paired": paired,
         "budget": {"train_examples": examples, "same_budget": len(set(examples.values())) <= 1,
                    "total_examples": totals},
         "settings": {"model": ctx.model_id, "training": ctx.training, "eval": eval_record(ctx.evaluation),

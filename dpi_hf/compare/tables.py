@@ -46,9 +46,9 @@ def comparison_markdown(results: dict) -> str:
     header = ["method"] + tasks + ["mean"]
     lines += [_row(header), _row(["---"] * len(header))]
     for method, s in summary.items():
-        means = [s["tasks"][t]["nll"]["mean"] for t in tasks]
-        lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks]
-                          + [f"{statistics.fmean(means):.3f}"]))
+        mean = s.get("mean_nll") or {"mean": statistics.fmean(s["tasks"][t]["nll"]["mean"] for t in tasks)}
+        lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks] + [_fmt(mean, 3)]))
+    lines += _paired_lines(results.get("paired"), tasks)
     lines += ["", "## Budget, cost and forgetting", "",
               "Training examples are counted at the training step. `train examples` are the stages' (the budget); "
               "probes are training too — for dpi before the plan, for cpi also trained into the backbone its stages "
@@ -100,6 +100,25 @@ def comparison_markdown(results: dict) -> str:
     lines += [f"Compute recorded by the runs (training incl. probes, evaluation): {recorded:.0f} s; wall time of the "
               f"call that wrote this table: {results.get('wall_seconds', 0):.0f} s (finished runs are reused).", ""]
     return "\n".join(lines)
+
+
+def _paired_lines(paired: dict | None, tasks: list[str]) -> list[str]:
+    """The section comparing every method with the reference method seed by seed (nothing without a reference)."""
+    if not paired or not paired.get("reference") or not paired["methods"]:
+        return []
+    ref = paired["reference"]
+    lines = ["", f"## Against {ref}, paired by seed", "",
+             f"Each method's run minus {ref}'s run at the same seed, mean ± sample std over seeds. A difference "
+             "smaller than its std (or seen in fewer than all seeds) does not separate the methods.", ""]
+    header = ["method", f"Δ mean NLL vs {ref}", "seeds with lower NLL"] + [f"Δ {t} NLL" for t in tasks] + \
+        ["Δ macro", "seeds with higher macro"]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for method, d in paired["methods"].items():
+        n = len(d["seeds"])
+        lines.append(_row([method, _fmt(d["mean_nll"], 3), f"{d['lower_nll']}/{n}"]
+                          + [_fmt(d["nll"][t], 3) for t in tasks]
+                          + [_fmt(d["macro"], 2), f"{d['higher_macro']}/{d['macro']['n']}"]))
+    return lines
 
 
 def _row(cells: list[str]) -> str:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import DPIConfigError
 from .masks import CoreMask
+from .signals import GRADIENT_SIGNALS
 
 # A core is called reliable when its split-half Jaccard is at least this many times the random level ...
 RANDOM_FACTOR = 2.0
@@ -77,7 +78,16 @@ class ReliabilityReport:
         )
 
 
-def _diagnose(tasks, r, half, random_level) -> dict[str, str]:
+def _probe_fix(signal: str | None) -> str:
+    """What to change when a core is unreliable: a gradient signal is already the steadier one, so the fix for it is
+    more probe data; the update signal (or an unknown one) also gets the gradient signal as an option."""
+    if signal in GRADIENT_SIGNALS:
+        return "lengthen the probe (probe_steps) or give it more rows (probe_batch_size)"
+    return "lengthen the probe (probe_steps) or use core_signal='fisher'"
+
+
+def _diagnose(tasks, r, half, random_level, signal: str | None = None) -> dict[str, str]:
+    fix = _probe_fix(signal)
     out = {}
     for i, t in enumerate(tasks):
         cross = [(half[i][j], tasks[j]) for j in range(len(tasks)) if j != i]
@@ -85,21 +95,20 @@ def _diagnose(tasks, r, half, random_level) -> dict[str, str]:
         if r[t] < RANDOM_FACTOR * random_level:
             out[t] = (
                 f"task {t!r}: its two half-probes' cores overlap at r = {r[t]:.3f}, not clearly above the random "
-                f"level {random_level:.3f}: its core is probe noise. Lengthen the probe (probe_steps) or use "
-                "core_signal='fisher'."
+                f"level {random_level:.3f}: its core is probe noise. {fix[0].upper() + fix[1:]}."
             )
         elif other is not None and r[t] < CROSS_FACTOR * worst:
             out[t] = (
                 f"task {t!r}: its half-probes overlap at r = {r[t]:.3f}, not clearly above its overlap with task "
                 f"{other!r} ({worst:.3f}): its core is no more its own than {other!r}'s. Either probe noise "
-                "(lengthen the probe or use core_signal='fisher') or the two tasks use the same parameters (then "
-                "they belong in one stage)."
+                f"({fix}) or the two tasks use the same parameters (then they belong in one stage)."
             )
     return out
 
 
 def reliability_report(
-    half_cores: Mapping[str, Sequence[CoreMask]], core_fraction: float, tasks: Sequence[str] | None = None
+    half_cores: Mapping[str, Sequence[CoreMask]], core_fraction: float, tasks: Sequence[str] | None = None,
+    signal: str | None = None,
 ) -> ReliabilityReport:
     """Reliability and corrected overlaps from each task's two half-cores.
 
@@ -107,6 +116,8 @@ def reliability_report(
         half_cores: task → (core of half 1, core of half 2), all over the same parameters.
         core_fraction: p of the cores (for the random level).
         tasks: task order of the matrices (default: the order of ``half_cores``).
+        signal: the importance signal the cores come from (``"update"``, ``"fisher"``, ``"gradsum"``); it decides
+            which fix the warnings about unreliable tasks suggest (default None: the update signal's).
     """
     tasks = list(tasks) if tasks is not None else list(half_cores)
     for t in tasks:
@@ -125,7 +136,7 @@ def reliability_report(
             denom = math.sqrt(r[a] * r[b])
             corrected[i][j] = corrected[j][i] = min(1.0, max(0.0, h / denom)) if denom > 0 else 0.0
     level = random_jaccard(core_fraction)
-    return ReliabilityReport(tasks, float(core_fraction), level, r, half, corrected, _diagnose(tasks, r, half, level))
+    return ReliabilityReport(tasks, float(core_fraction), level, r, half, corrected, _diagnose(tasks, r, half, level, signal))
 
 
 def describe_reliability(report: ReliabilityReport) -> str:
