@@ -136,7 +136,8 @@ def reliability_report(
             denom = math.sqrt(r[a] * r[b])
             corrected[i][j] = corrected[j][i] = min(1.0, max(0.0, h / denom)) if denom > 0 else 0.0
     level = random_jaccard(core_fraction)
-    return ReliabilityReport(tasks, float(core_fraction), level, r, half, corrected, _diagnose(tasks, r, half, level, signal))
+    unreliable = _diagnose(tasks, r, half, level, signal)
+    return ReliabilityReport(tasks, float(core_fraction), level, r, half, corrected, unreliable)
 
 
 def describe_reliability(report: ReliabilityReport) -> str:
