@@ -20,6 +20,11 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
+def mean_nll(record: dict, tasks: list[str]) -> float:
+    """A run's held-out NLL averaged over the tasks (each task weighs the same)."""
+    return statistics.fmean(record["tasks"][t]["nll"] for t in tasks)
+
+
 def summarise(records: list[dict], tasks: list[str]) -> dict:
     """One method's runs (one record per seed) as mean ± std per task score, NLL, extra metric, cost and forgetting."""
     out: dict[str, Any] = {"tasks": {}}
@@ -32,7 +37,7 @@ def summarise(records: list[dict], tasks: list[str]) -> dict:
                               "extra": {m: mean_std([e.get("extra", {}).get(m) for e in entries])
                                         for m in extra_names}}
     out["macro"] = mean_std([r["macro"] for r in records])
-    out["mean_nll"] = mean_std([statistics.fmean(r["tasks"][t]["nll"] for t in tasks) for r in records])
+    out["mean_nll"] = mean_std([mean_nll(r, tasks) for r in records])
     for key in ("train_examples", "train_steps", "train_seconds", "probe_examples", "probe_seconds",
                 "total_examples", "total_steps", "eval_seconds"):
         out[key] = mean_std([r.get(key) for r in records])
@@ -55,9 +60,7 @@ def paired_differences(runs: list[dict], tasks: list[str], methods: list[str], r
             continue
         seeds = sorted(s for m, s in by_key if m == method and (reference, s) in by_key)
         pairs = [(by_key[(method, s)], by_key[(reference, s)]) for s in seeds]
-        nll = [statistics.fmean(a["tasks"][t]["nll"] for t in tasks) - statistics.fmean(b["tasks"][t]["nll"]
-                                                                                        for t in tasks)
-               for a, b in pairs]
+        nll = [mean_nll(a, tasks) - mean_nll(b, tasks) for a, b in pairs]
         macro = [a["macro"] - b["macro"] for a, b in pairs if a["macro"] is not None and b["macro"] is not None]
         out[method] = {"mean_nll": mean_std(nll), "lower_nll": sum(d < 0 for d in nll),
                        "macro": mean_std(macro), "higher_macro": sum(d > 0 for d in macro),
@@ -98,7 +101,7 @@ def assemble_sweep(ctx: RunContext, records: list[dict], base: dict, staging: st
     for r in records:
         points.append({"name": r["method"], "seed": r["seed"], "core_fraction": r["core_fraction"],
                        "core_scope": r["core_scope"], "reference": r["reference"], "macro": r["macro"],
-                       "mean_nll": statistics.fmean(r["tasks"][t]["nll"] for t in tasks),
+                       "mean_nll": mean_nll(r, tasks),
                        "forgetting": r["forgetting"]["mean"], "forgetting_per_task": r["forgetting"]["per_task"],
                        "stages": r["stages"], "frozen_fraction": r["frozen_fraction"],
                        "train_examples": r["train_examples"], "probe_seconds": r["probe_seconds"],

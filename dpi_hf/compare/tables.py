@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-
 from .settings import METRIC_LABELS
 
 
@@ -46,8 +44,7 @@ def comparison_markdown(results: dict) -> str:
     header = ["method"] + tasks + ["mean"]
     lines += [_row(header), _row(["---"] * len(header))]
     for method, s in summary.items():
-        mean = s.get("mean_nll") or {"mean": statistics.fmean(s["tasks"][t]["nll"]["mean"] for t in tasks)}
-        lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks] + [_fmt(mean, 3)]))
+        lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks] + [_fmt(s["mean_nll"], 3)]))
     lines += _paired_lines(results.get("paired"), tasks)
     lines += ["", "## Budget, cost and forgetting", "",
               "Training examples are counted at the training step. `train examples` are the stages' (the budget); "
