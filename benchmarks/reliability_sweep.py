@@ -35,7 +35,7 @@ from dpi_hf.core import select_core, update_magnitudes
 from dpi_hf.core.reliability import reliability_report
 from dpi_hf.core.signals import GRADIENT_SIGNALS, SIGNALS, ImportanceAccumulator
 from dpi_hf.data import load_tasks
-from dpi_hf.multitask import split_halves
+from dpi_hf.trainer.multitask import split_halves
 from dpi_hf.quickstart import load_model_and_tokenizer
 from dpi_hf.recipes import Recipe, read_recipe
 

@@ -26,13 +26,13 @@ from .core import (  # noqa: F401  (re-exported, listed in __all__)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DPIConfig": "dpi_hf.config",
-    "DPITrainer": "dpi_hf.trainer",
-    "CoreProbeCallback": "dpi_hf.callbacks",
-    "FreezeMaskCallback": "dpi_hf.callbacks",
+    "DPIConfig": "dpi_hf.trainer.config",
+    "DPITrainer": "dpi_hf.trainer.trainer",
+    "CoreProbeCallback": "dpi_hf.trainer.callbacks",
+    "FreezeMaskCallback": "dpi_hf.trainer.callbacks",
     "save_dpi_artifacts": "dpi_hf.artifacts",
     "load_dpi_artifacts": "dpi_hf.artifacts",
-    "probe_cores": "dpi_hf.protection",
+    "probe_cores": "dpi_hf.trainer.protection",
 }
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import dpi_args, tiny_llama
 from dpi_hf import DPIConfigError, DPITrainer
 from dpi_hf.core.fusion import TransplantMap, fuse_models, merge_task_vectors
-from dpi_hf.fusion import importance_path, probe_model_path
+from dpi_hf.trainer.fusion import importance_path, probe_model_path
 
 torch.set_num_threads(1)
 

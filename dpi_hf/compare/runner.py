@@ -132,7 +132,7 @@ def run_sweep(
     Raises:
         DPIConfigError: a bad p, scope or staging, or any error :func:`run_comparison` raises before training.
     """
-    from ..config import CORE_SCOPES
+    from ..trainer.config import CORE_SCOPES
 
     seeds = check_seeds(seeds)
     fractions = [float(p) for p in core_fractions]

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..phases import PROBE, STAGE
+from ..trainer.phases import PROBE, STAGE
 from .context import RunContext
 from .report import write_json
 from .settings import FUSION_FIELDS, RECORD, EvalSettings, eval_record, make_config

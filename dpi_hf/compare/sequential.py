@@ -126,8 +126,8 @@ def _pct(p: float) -> str:
 def _sft_args(training: dict, output_dir: Path, seed: int, **extra):
     """DPIConfig for one plain SFT phase: the recipe's SFT fields (DPI fields left at their defaults, so a single
     dataset is plain SFT) plus ``extra`` (e.g. the protection)."""
-    from ..config import DPIConfig
-    from ..run_state import DPI_FIELDS
+    from ..trainer.config import DPIConfig
+    from ..trainer.run_state import DPI_FIELDS
 
     sft = {k: v for k, v in training.items() if k not in DPI_FIELDS and k != "output_dir"}
     # no checkpoints: every phase is short and a rerun skips finished conditions instead
@@ -141,7 +141,7 @@ def _probe_importance(model, tokenizer, rows, training: dict, args, output_dir: 
     signals at once (and, with ``no_step``, one pass without steps); the weights are restored bit-exactly after."""
     from trl import SFTTrainer
 
-    from ..callbacks import CoreProbeCallback, snapshot_parameters
+    from ..trainer.callbacks import CoreProbeCallback, snapshot_parameters
     from ..core.sharding import restore_parameters
 
     a = args  # the probe-only settings of the recipe's DPIConfig, as a DPI run's probes use them
@@ -215,7 +215,7 @@ def run_sequential(recipe, settings: SequentialSettings, output_dir, training: d
         output_dir: where ``sequential.json``, ``sequential.md``, ``sequential.png`` and the cores go.
         log: progress lines (default print).
     """
-    from ..callbacks import snapshot_parameters
+    from ..trainer.callbacks import snapshot_parameters
     from ..core import model_fingerprint, select_core
     from ..core.sharding import restore_parameters
     from ..data import load_tasks

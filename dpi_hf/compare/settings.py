@@ -97,7 +97,7 @@ def make_config(training: Mapping[str, Any], fields: Mapping[str, Any], *, seed:
     Raises:
         DPIConfigError: a field DPIConfig does not know (with the closest one) or DPIConfig's own checks.
     """
-    from ..config import DPIConfig
+    from ..trainer.config import DPIConfig
 
     # the harness owns its run folders (it reuses finished runs by their settings itself), so a run it trains
     # again starts clean

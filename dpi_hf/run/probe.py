@@ -25,8 +25,8 @@ def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
     """
     apply_runtime(recipe)
     from ..data import load_tasks
-    from ..phases import PROBE
-    from ..protection import CoreProbingTrainer
+    from ..trainer.phases import PROBE
+    from ..trainer.protection import CoreProbingTrainer
     from ..trainer import check_output_dir
 
     check_output_dir(recipe.args)  # before loading anything: a used output_dir is refused now

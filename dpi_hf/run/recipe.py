@@ -167,7 +167,7 @@ def build_training_args(fields: Mapping[str, Any], source: str | None = None):
     """
     from transformers import HfArgumentParser
 
-    from ..config import DPIConfig
+    from ..trainer.config import DPIConfig
 
     valid = [f.name for f in dataclasses.fields(DPIConfig) if f.init]
     fields = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in fields.items()}
@@ -192,7 +192,7 @@ def build_training_args(fields: Mapping[str, Any], source: str | None = None):
 
 def recipe_fields_help() -> list[tuple[str, str, str]]:
     """(name, default, help) of every DPIConfig field, DPI fields first, for ``dpi-hf train --list-fields``."""
-    from ..config import DPIConfig
+    from ..trainer.config import DPIConfig
 
     own = set(DPIConfig.__annotations__)
     rows = []

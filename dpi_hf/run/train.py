@@ -142,7 +142,7 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
     if len(recipe.tasks) > 1 or args.protects:  # a used output_dir is refused before any data or model is loaded
         check_output_dir(args)
     if args.protects:  # so are a missing artifact and an unknown protected task
-        from ..run_state import check_protection_source
+        from ..trainer.run_state import check_protection_source
 
         check_protection_source(args)
     log(f"[dpi-hf] recipe {recipe.source or '<dict>'}: {len(recipe.tasks)} tasks {recipe.task_names}, model "

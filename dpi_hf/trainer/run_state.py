@@ -15,10 +15,10 @@ import numpy as np
 from datasets import Dataset
 from trl import SFTConfig
 
-from .artifacts import CORES_FILE, DPI_DIR, PLAN_FILE, load_dpi_artifacts, resolve_masks_source
+from ..artifacts import CORES_FILE, DPI_DIR, PLAN_FILE, load_dpi_artifacts, resolve_masks_source
 from .config import DPIConfig
-from .core import CoreMask, model_fingerprint, read_cores_metadata
-from .core.errors import DPIConfigError, FingerprintMismatchError, MaskFileError
+from ..core import CoreMask, model_fingerprint, read_cores_metadata
+from ..core.errors import DPIConfigError, FingerprintMismatchError, MaskFileError
 
 logger = logging.getLogger(__name__)
 

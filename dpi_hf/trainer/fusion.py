@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .core.fusion import TransplantMap, core_importance, fuse_models, group_core_importance
-from .core.io import atomic_save_file
-from .core.masks import CoreMask
-from .core.planning import StagePlan
+from ..core.fusion import TransplantMap, core_importance, fuse_models, group_core_importance
+from ..core.io import atomic_save_file
+from ..core.masks import CoreMask
+from ..core.planning import StagePlan
 from .multitask import safe_name
 from .run_state import kill_point
 

@@ -40,18 +40,18 @@ from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 
-from .artifacts import DPI_DIR, PROTECTED_FILE, save_dpi_artifacts, write_model_card
+from ..artifacts import DPI_DIR, PROTECTED_FILE, save_dpi_artifacts, write_model_card
 from .callbacks import CoreProbeCallback, FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
-from .core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
-from .core.errors import DPIConfigError, ProbeDivergedError
-from .core.io import atomic_save_file, atomic_write_text
-from .core.fusion import TransplantMap
-from .core.masks import CoreMask
-from .core.planning import StagePlan, plan_from_groups, reorder_report
-from .core.reliability import ReliabilityReport, reliability_report
-from .core.sharding import restore_parameters
-from .core.signals import pool_importance, threshold_ties, tie_warning
+from ..core import load_cores, model_fingerprint, plan_stages, read_cores_metadata, save_cores, select_core
+from ..core.errors import DPIConfigError, ProbeDivergedError
+from ..core.io import atomic_save_file, atomic_write_text
+from ..core.fusion import TransplantMap
+from ..core.masks import CoreMask
+from ..core.planning import StagePlan, plan_from_groups, reorder_report
+from ..core.reliability import ReliabilityReport, reliability_report
+from ..core.sharding import restore_parameters
+from ..core.signals import pool_importance, threshold_ties, tie_warning
 from .fusion import (
     FUSED_FILE,
     FUSED_MODEL_DIR,
@@ -87,7 +87,7 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
     resume_state,
     run_identity,
 )
-from .utils import check_each_task_once
+from ..utils import check_each_task_once
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 
 from datasets import Dataset, DatasetDict, concatenate_datasets
 
-from .core.errors import DPIConfigError
+from ..core.errors import DPIConfigError
 
 DATA_COLUMNS = ("prompt", "completion", "messages", "text", "input_ids", "labels", "tools", "chat_template_kwargs")
 
