@@ -1,7 +1,8 @@
 """Stage planning: overlap of core regions, task groups and the order of stages.
 
 * Overlap: J(Ci, Cj) = |Ci ∩ Cj| / |Ci ∪ Cj|.
-* Groups: an edge i—j when J ≥ τ; the groups are the connected components of that graph.
+* Groups: an edge i—j when J ≥ τ (or, with ``overlap="affinity"``, when the tasks' symmetric TAG affinity is above
+  the affinity threshold, see :mod:`dpi_hf.core.affinity`); the groups are the connected components of that graph.
 * Stages: the groups in an order (``given``, ``largest_first``, ``random``); stage k freezes
   F_k = ∪_{j<k} ∪_{i∈G_j} C_i.
 """
@@ -13,12 +14,19 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .affinity import (
+    DEFAULT_AFFINITY_THRESHOLD,
+    AffinityReport,
+    affinity_edges,
+    describe_affinity,
+    validate_affinity_threshold,
+)
 from .errors import DPIConfigError
 from .masks import CoreMask
 from .reliability import ReliabilityReport, describe_reliability
 
 STAGE_ORDERS = ("given", "largest_first", "random")
-OVERLAPS = ("raw", "corrected")
+OVERLAPS = ("raw", "corrected", "affinity")
 
 
 def validate_jaccard_threshold(value) -> float:
@@ -100,9 +108,13 @@ class StagePlan:
         total_elements: N, the number of considered elements.
         cores: task → CoreMask (not serialised; reattach after :meth:`from_json` to call :meth:`frozen_before`).
         freeze: whether stages freeze earlier stages' cores (False for the paper's no-freezing baselines).
-        overlap: which matrix the groups were formed on: ``"raw"`` (``jaccard``) or ``"corrected"``
-            (``reliability.corrected_jaccard``).
+        overlap: which matrix the groups were formed on: ``"raw"`` (``jaccard``), ``"corrected"``
+            (``reliability.corrected_jaccard``) or ``"affinity"`` (``affinity.symmetric``, edges above
+            ``affinity_threshold``).
         reliability: the split-half :class:`~dpi_hf.core.reliability.ReliabilityReport`, when the probes measured it.
+        affinity: the tasks' first-order TAG :class:`~dpi_hf.core.affinity.AffinityReport`, when the probes recorded
+            their gradients.
+        affinity_threshold: the threshold of ``overlap="affinity"`` (an edge when the symmetric affinity is above it).
     """
 
     tasks: list[str]
@@ -117,6 +129,8 @@ class StagePlan:
     freeze: bool = True
     overlap: str = "raw"
     reliability: ReliabilityReport | None = None
+    affinity: AffinityReport | None = None
+    affinity_threshold: float = DEFAULT_AFFINITY_THRESHOLD
     cores: dict[str, CoreMask] | None = field(default=None, repr=False, compare=False)
 
     def frozen_before(self, k: int) -> CoreMask:
@@ -154,6 +168,8 @@ class StagePlan:
             "freeze": self.freeze,
             "overlap": self.overlap,
             **(self.reliability.to_dict() if self.reliability is not None else {}),
+            **({"affinity": self.affinity.to_dict(), "affinity_threshold": self.affinity_threshold}
+               if self.affinity is not None else {}),
         }
 
     def to_json(self, **extra) -> str:
@@ -177,6 +193,8 @@ class StagePlan:
                 overlap=d.get("overlap", "raw"),
                 reliability=ReliabilityReport.from_dict(d, d["tasks"], d.get("core_fraction"))
                 if "reliability" in d else None,
+                affinity=AffinityReport.from_dict(d["affinity"]) if d.get("affinity") else None,
+                affinity_threshold=float(d.get("affinity_threshold", DEFAULT_AFFINITY_THRESHOLD)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DPIConfigError(f"not a valid DPI plan ({type(e).__name__}: {e}); re-create it with plan_stages.")
@@ -199,8 +217,13 @@ class StagePlan:
                 lines.append(f"{t:<{w}} " + " ".join(f"{v:8.3f}" for v in row))
             if self.reliability is not None:
                 lines.append(describe_reliability(self.reliability))
-            lines.append(f"groups ({'corrected ' if self.overlap == 'corrected' else ''}J >= {self.jaccard_threshold}): "
-                         f"{self.groups}")
+            if self.affinity is not None:
+                lines.append(describe_affinity(self.affinity))
+            if self.overlap == "affinity":
+                lines.append(f"groups (affinity > {self.affinity_threshold:g}): {self.groups}")
+            else:
+                lines.append(f"groups ({'corrected ' if self.overlap == 'corrected' else ''}J >= "
+                             f"{self.jaccard_threshold}): {self.groups}")
         for k, s in enumerate(self.stages):
             frozen = f", frozen {100 * self.frozen_fraction(k):.2f}%" if self.frozen_counts else ""
             lines.append(f"stage {k + 1}/{len(self.stages)}: {s}{frozen}")
@@ -293,6 +316,8 @@ def plan_stages(
     sizes: Mapping[str, int] | None = None,
     reliability: ReliabilityReport | None = None,
     overlap: str = "raw",
+    affinity: AffinityReport | None = None,
+    affinity_threshold: float = DEFAULT_AFFINITY_THRESHOLD,
 ) -> StagePlan:
     """Group tasks by core overlap and order the groups into stages.
 
@@ -306,8 +331,13 @@ def plan_stages(
         sizes: task → number of training examples, used by ``"largest_first"``.
         reliability: the split-half reliability report of these cores (recorded in the plan; needed for
             ``overlap="corrected"``). Default None.
-        overlap: the matrix τ applies to: ``"raw"`` (default; the cores' Jaccard) or ``"corrected"`` (the
-            reliability-corrected overlap of ``reliability``).
+        overlap: the matrix the groups form on: ``"raw"`` (default; the cores' Jaccard ≥ τ), ``"corrected"`` (the
+            reliability-corrected overlap of ``reliability`` ≥ τ) or ``"affinity"`` (the symmetric TAG affinity of
+            ``affinity`` > ``affinity_threshold``).
+        affinity: the tasks' :class:`~dpi_hf.core.affinity.AffinityReport` (recorded in the plan; needed for
+            ``overlap="affinity"``). Default None.
+        affinity_threshold: the affinity above which two tasks share a group (default 0: a step on either task
+            lowers the other's loss, averaged over the two directions).
 
     Returns:
         A :class:`StagePlan` with the cores attached.
@@ -318,8 +348,11 @@ def plan_stages(
     tasks = list(tasks) if tasks is not None else list(cores)
     _check_cores(cores, tasks)
     jac = jaccard_matrix(cores, tasks)
+    threshold = validate_affinity_threshold(affinity_threshold)
     if reliability is not None:
         reliability = reorder_report(reliability, tasks)  # the matrices' rows follow the plan's task order
+    if affinity is not None:
+        affinity = affinity.reorder(tasks)
     if overlap not in OVERLAPS:
         raise DPIConfigError(f"overlap={overlap!r} is not one of {OVERLAPS}.")
     grouping = jac
@@ -330,8 +363,16 @@ def plan_stages(
                 "'split_half' (or overlap='raw')."
             )
         grouping = reliability.corrected_jaccard
-    edges = [(tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks))
-             if grouping[i][j] >= tau]
+    if overlap == "affinity":
+        if affinity is None:
+            raise DPIConfigError(
+                "overlap='affinity' needs the tasks' gradient dot products, which these probes did not record; probe "
+                "again with a gradient core_signal and probe_affinity=True (or pick overlap='corrected' or 'raw')."
+            )
+        edges = affinity_edges(affinity, threshold)
+    else:
+        edges = [(tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i + 1, len(tasks))
+                 if grouping[i][j] >= tau]
     groups = connected_components(tasks, edges)
     plan = StagePlan(
         tasks=tasks,
@@ -342,6 +383,8 @@ def plan_stages(
         stage_order=order,
         overlap=overlap,
         reliability=reliability,
+        affinity=affinity,
+        affinity_threshold=threshold,
     )
     _fill_counts(plan, cores)
     return plan
@@ -361,4 +404,5 @@ def reorder_report(report: ReliabilityReport, tasks: list[str]) -> ReliabilityRe
         half_jaccard=[[report.half_jaccard[i][j] for j in pos] for i in pos],
         corrected_jaccard=[[report.corrected_jaccard[i][j] for j in pos] for i in pos],
         unreliable={t: m for t, m in report.unreliable.items() if t in tasks},
+        pooled_reliability={t: v for t, v in report.pooled_reliability.items() if t in tasks},
     )

@@ -10,6 +10,12 @@ Split-half reliability: each task is probed twice from θ0, on two disjoint halv
 Both sides of the corrected ratio are measured on half-cores (cores of the same probe budget), so two halves of one
 task score ≈ 1. Dividing the pooled cores' Jaccard by a half-level r instead would inflate it, because pooled cores
 are themselves more reliable than half-cores.
+
+The core a run uses is selected from both halves pooled (twice the data of a half), so it is more reliable than r
+says. :func:`pooled_reliability` estimates its reliability (the Jaccard two independent pooled cores would have)
+with the Spearman–Brown formula ρ_k = kρ / (1 + (k − 1)ρ), applied not to the Jaccard but to a correlation: the phi
+coefficient of the two cores' membership indicators, φ = (o − p) / (1 − p), where o = 2J / (1 + J) is the share of
+one core found in the other. docs/method.md says how it was checked.
 """
 
 from __future__ import annotations
@@ -35,6 +41,29 @@ def random_jaccard(core_fraction: float) -> float:
     return p / (2.0 - p)
 
 
+def pooled_reliability(half_reliability: float, core_fraction: float, factor: int = 2) -> float:
+    """Spearman–Brown estimate of the reliability of a core pooled from ``factor`` halves' worth of data.
+
+    Args:
+        half_reliability: r, the Jaccard of two cores of one half's data each.
+        core_fraction: p of the cores.
+        factor: how many halves' data the pooled core has (default 2: both halves).
+
+    Returns:
+        The Jaccard expected between two independent cores of ``factor`` times the data: r → o = 2r/(1+r) (share
+        of one core in the other) → φ = (o − p)/(1 − p) → φ_k = kφ/(1 + (k−1)φ) → o_k = p + (1 − p)φ_k → o_k/(2 − o_k).
+        A half-level r at or below the random level is returned as it is (no signal to extrapolate).
+    """
+    p, r = float(core_fraction), float(half_reliability)
+    o = 2 * r / (1 + r)
+    phi = (o - p) / (1 - p) if p < 1 else 1.0
+    if phi <= 0:
+        return r
+    phi_k = factor * phi / (1 + (factor - 1) * phi)
+    o_k = p + (1 - p) * phi_k
+    return o_k / (2 - o_k)
+
+
 @dataclass
 class ReliabilityReport:
     """Split-half reliability of each task's core and the overlap matrices derived from it.
@@ -46,6 +75,9 @@ class ReliabilityReport:
         reliability: task → r, the Jaccard of its two half-cores.
         half_jaccard: H[i][j] (mean Jaccard over the four half-core pairs; r on the diagonal).
         corrected_jaccard: clip(H[i][j] / sqrt(r_i r_j), 0, 1) (1 on the diagonal; 0 where an r is 0).
+        unreliable: task → the warning about its core, for tasks whose core is not clearly reliable.
+        pooled_reliability: task → the Spearman–Brown estimate of the reliability of the core actually used (pooled
+            from both halves; :func:`pooled_reliability`). Empty for reports saved before it existed.
     """
 
     tasks: list[str]
@@ -55,10 +87,12 @@ class ReliabilityReport:
     half_jaccard: list[list[float]]
     corrected_jaccard: list[list[float]]
     unreliable: dict[str, str] = field(default_factory=dict)
+    pooled_reliability: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "reliability": self.reliability,
+            "pooled_reliability": self.pooled_reliability,
             "random_level": self.random_level,
             "half_jaccard": self.half_jaccard,
             "corrected_jaccard": self.corrected_jaccard,
@@ -75,6 +109,7 @@ class ReliabilityReport:
             half_jaccard=[list(map(float, r)) for r in d["half_jaccard"]],
             corrected_jaccard=[list(map(float, r)) for r in d["corrected_jaccard"]],
             unreliable=dict(d.get("unreliable", {})),
+            pooled_reliability={k: float(v) for k, v in d.get("pooled_reliability", {}).items()},
         )
 
 
@@ -137,15 +172,22 @@ def reliability_report(
             corrected[i][j] = corrected[j][i] = min(1.0, max(0.0, h / denom)) if denom > 0 else 0.0
     level = random_jaccard(core_fraction)
     unreliable = _diagnose(tasks, r, half, level, signal)
-    return ReliabilityReport(tasks, float(core_fraction), level, r, half, corrected, unreliable)
+    pooled = {t: pooled_reliability(r[t], core_fraction) for t in tasks}
+    return ReliabilityReport(tasks, float(core_fraction), level, r, half, corrected, unreliable, pooled)
 
 
 def describe_reliability(report: ReliabilityReport) -> str:
     """Readable lines: random level, r per task, the corrected matrix, and a warning per unreliable task."""
     w = max(len(t) for t in report.tasks)
+    pooled = report.pooled_reliability
+
+    def line(t):
+        est = f", pooled core ≈ {pooled[t]:.3f} (Spearman–Brown)" if t in pooled else ""
+        return f"  {t:<{w}} r = {report.reliability[t]:.3f} (halves){est}"
+
     lines = [
         f"split-half reliability r (random level {report.random_level:.4f}):",
-        *(f"  {t:<{w}} r = {report.reliability[t]:.3f}" for t in report.tasks),
+        *(line(t) for t in report.tasks),
         "reliability-corrected overlap:",
         " " * (w + 1) + " ".join(f"{t[:8]:>8}" for t in report.tasks),
         *(f"{t:<{w}} " + " ".join(f"{v:8.3f}" for v in row) for t, row in zip(report.tasks, report.corrected_jaccard)),

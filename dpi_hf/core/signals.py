@@ -51,14 +51,24 @@ class ImportanceAccumulator:
         include: parameter-name patterns to consider (see :func:`dpi_hf.core.selection.filter_parameter_names`);
             None (default) considers every trainable parameter.
         exclude: patterns to leave out; None (default).
+        parts: how many separate accumulators to keep (default 1). A split-half probe keeps 2 and adds each step's
+            gradients into one of them (``accumulate(part)``), so that one pass over a task's rows yields two
+            independent half-importances and their pooled importance; each part is one float32 buffer per considered
+            element.
+        keep_signed_sum: also keep the signed sum Σ g over all parts (default False), the task's gradient that
+            :mod:`dpi_hf.core.affinity` needs. For ``"gradsum"`` it is the sum of the parts' own (signed) buffers, at
+            no extra memory; for ``"fisher"`` it is one more float32 buffer per considered element.
 
     Call :meth:`accumulate` once per optimizer step, when the gradients the step will use are complete (after
     accumulation and all-reduce), then read :meth:`importance`. A parameter without a gradient at a step adds nothing.
     """
 
-    def __init__(self, model_or_named_params, signal: str = "fisher", include=None, exclude=None):
+    def __init__(self, model_or_named_params, signal: str = "fisher", include=None, exclude=None, parts: int = 1,
+                 keep_signed_sum: bool = False):
         if validate_signal(signal) not in GRADIENT_SIGNALS:
             raise DPIConfigError(f"ImportanceAccumulator accumulates {GRADIENT_SIGNALS}, not {signal!r}.")
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise DPIConfigError(f"parts={parts!r} must be a positive integer (2 for a split-half probe).")
         if isinstance(model_or_named_params, torch.nn.Module):
             params = {n: p for n, p in model_or_named_params.named_parameters() if p.requires_grad}
         else:
@@ -70,53 +80,126 @@ class ImportanceAccumulator:
                 "loosen the patterns or unfreeze parameters."
             )
         self.signal = signal
+        self.parts = parts
         self._params = {n: params[n] for n in names}
-        self._buffers = {
-            n: torch.zeros(_local(p).shape, dtype=torch.float32, device=_local(p).device)
-            for n, p in self._params.items()
-        }
+
+        def zeros():
+            return {n: torch.zeros(_local(p).shape, dtype=torch.float32, device=_local(p).device)
+                    for n, p in self._params.items()}
+
+        self._parts = [zeros() for _ in range(parts)]
+        # fisher squares the gradient, so its signed sum needs a buffer of its own; gradsum's parts are signed sums
+        self._signed = zeros() if keep_signed_sum and signal == "fisher" else None
+        self.keep_signed_sum = bool(keep_signed_sum)
+        self.part_steps = [0] * parts
         self.steps = 0
 
+    @property
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return self._parts[0]
+
     @torch.no_grad()
-    def accumulate(self) -> None:
-        """Add the current gradients (float32) into the accumulators; one call per optimizer step."""
+    def accumulate(self, part: int = 0) -> None:
+        """Add the current gradients (float32) into accumulator ``part`` (default 0); one call per optimizer step."""
+        if not 0 <= part < self.parts:
+            raise DPIConfigError(f"part={part!r} is outside 0..{self.parts - 1}.")
+        buffers = self._parts[part]
         for n, p in self._params.items():
             g = p.grad
             if g is None:
                 continue
             g = _local(g).to(torch.float32)
             if self.signal == "fisher":
-                self._buffers[n].addcmul_(g, g)
+                buffers[n].addcmul_(g, g)
+                if self._signed is not None:
+                    self._signed[n].add_(g)
             else:
-                self._buffers[n].add_(g)
+                buffers[n].add_(g)
+        self.part_steps[part] += 1
         self.steps += 1
 
-    def importance(self) -> dict[str, torch.Tensor]:
-        """Name → non-negative float32 importance (the accumulator itself for fisher, |sum| for gradsum).
+    def _wrap(self, n: str, v: torch.Tensor) -> torch.Tensor:
+        p = self._params[n]
+        if hasattr(p, "to_local"):
+            from torch.distributed.tensor import DTensor
 
-        For a sharded (DTensor) parameter the value is the local shard wrapped as a DTensor with the parameter's
-        layout, which :func:`~dpi_hf.core.select_core` selects over with all ranks together.
+            return DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        return v
+
+    def _value(self, n: str, part: int | None) -> torch.Tensor:
+        if part is not None:
+            v = self._parts[part][n]
+        elif self.parts == 1:
+            v = self._parts[0][n]
+        else:  # pooled: the parts' sum, built per tensor when read (never a second model-sized buffer)
+            v = self._parts[0][n].clone()
+            for other in self._parts[1:]:
+                v.add_(other[n])
+        return v if self.signal == "fisher" else v.abs()
+
+    def importance(self, part: int | None = None) -> Mapping[str, torch.Tensor]:
+        """Name → non-negative float32 importance of accumulator ``part``, or (``part=None``, the default) of all parts
+        pooled: Σ g² over every step for fisher, |Σ g| over every step for gradsum (the sum of the signed parts, so
+        the pooled gradsum is not the sum of the parts' magnitudes).
+
+        With one part the values are the accumulator itself (fisher) or its magnitude; with several, the pooled
+        values are computed per tensor when read. For a sharded (DTensor) parameter the value is the local shard
+        wrapped as a DTensor with the parameter's layout, which :func:`~dpi_hf.core.select_core` selects over with all
+        ranks together.
         """
-        out = {}
-        for n, b in self._buffers.items():
-            v = b if self.signal == "fisher" else b.abs()
-            p = self._params[n]
-            if hasattr(p, "to_local"):
-                from torch.distributed.tensor import DTensor
+        if part is not None and not 0 <= part < self.parts:
+            raise DPIConfigError(f"part={part!r} is outside 0..{self.parts - 1}.")
+        return _LazyImportance(list(self._params), lambda n: self._wrap(n, self._value(n, part)))
 
-                v = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            out[n] = v
-        return out
+    def signed_sum(self) -> Mapping[str, torch.Tensor]:
+        """Name → the signed float32 gradient sum Σ g over every accumulated step (all parts), local shards for
+        sharded parameters (dot products of these are summed across ranks, see
+        :func:`dpi_hf.core.affinity.gradient_dot`). Needs ``keep_signed_sum=True``."""
+        if not self.keep_signed_sum:
+            raise DPIConfigError("this accumulator keeps no signed sum; create it with keep_signed_sum=True.")
+        if self._signed is not None:
+            return dict(self._signed)
+
+        def summed(n):
+            v = self._parts[0][n].clone() if self.parts > 1 else self._parts[0][n]
+            for other in self._parts[1:]:
+                v.add_(other[n])
+            return v
+
+        return _LazyImportance(list(self._params), summed)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the accumulators (4 per considered element)."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        """Bytes held by the accumulators (4 per considered element and part, +4 for a fisher signed sum)."""
+        buffers = [*self._parts, *([self._signed] if self._signed is not None else [])]
+        return sum(b.numel() * b.element_size() for d in buffers for b in d.values())
 
     def release(self) -> None:
         """Free the accumulators."""
-        self._buffers = {}
+        self._parts = [{} for _ in range(self.parts)]
+        self._signed = None
         self._params = {}
+
+
+class _LazyImportance(Mapping):
+    """A read-only mapping name → tensor whose values are computed when read (one tensor at a time)."""
+
+    def __init__(self, names: list[str], compute):
+        self._names, self._compute = names, compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
 
 
 def cpu_copy(importance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,144 @@
+"""One-pass split-half accumulators, the pooled core's Spearman–Brown reliability, and affinity planning (engine)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from dpi_hf import CoreMask, DPIConfigError, StagePlan, plan_stages
+from dpi_hf.core.affinity import AffinityReport, affinity_report, gradient_dot
+from dpi_hf.core.reliability import pooled_reliability, random_jaccard
+from dpi_hf.core.selection import select_core
+from dpi_hf.core.signals import ImportanceAccumulator
+
+torch.set_num_threads(1)
+
+
+def _steps(lin, n):
+    grads = []
+    for step in range(n):
+        lin.zero_grad()
+        lin(torch.randn(4, 3, generator=torch.Generator().manual_seed(step))).sum().backward()
+        grads.append({"weight": lin.weight.grad.clone(), "bias": lin.bias.grad.clone()})
+    return grads
+
+
+def test_parts_accumulate_separately_and_pool_on_read():
+    lin = torch.nn.Linear(3, 2)
+    fisher = ImportanceAccumulator(lin, "fisher", parts=2, keep_signed_sum=True)
+    gradsum = ImportanceAccumulator(lin, "gradsum", parts=2, keep_signed_sum=True)
+    grads = []
+    for step, g in enumerate(_steps(lin, 5)):
+        lin.weight.grad, lin.bias.grad = g["weight"], g["bias"]
+        fisher.accumulate(step % 2)
+        gradsum.accumulate(step % 2)
+        grads.append(g["weight"])
+    even, odd = grads[0::2], grads[1::2]
+    assert torch.allclose(fisher.importance(0)["weight"], sum(g * g for g in even))
+    assert torch.allclose(fisher.importance(1)["weight"], sum(g * g for g in odd))
+    assert torch.allclose(fisher.importance()["weight"], sum(g * g for g in grads))  # pooled = the sum of the parts
+    assert torch.allclose(fisher.signed_sum()["weight"], sum(grads))
+    # gradsum: a part is |Σ g| of its steps; pooled is |Σ g| over all steps, not the sum of the parts' magnitudes
+    assert torch.allclose(gradsum.importance(1)["weight"], sum(odd).abs())
+    assert torch.allclose(gradsum.importance()["weight"], sum(grads).abs())
+    assert torch.allclose(gradsum.signed_sum()["weight"], sum(grads))
+    assert fisher.part_steps == [3, 2] and fisher.steps == 5
+    assert fisher.nbytes == 3 * 4 * 8 and gradsum.nbytes == 2 * 4 * 8  # fisher's signed sum is a buffer of its own
+    with pytest.raises(DPIConfigError, match="part"):
+        fisher.accumulate(2)
+    with pytest.raises(DPIConfigError, match="keep_signed_sum"):
+        ImportanceAccumulator(lin, "fisher").signed_sum()
+    with pytest.raises(DPIConfigError, match="parts"):
+        ImportanceAccumulator(lin, "fisher", parts=0)
+
+
+def test_pooled_reliability_is_spearman_brown_on_phi():
+    p = 0.01
+    r = 0.4
+    o = 2 * r / 1.4
+    phi = (o - p) / (1 - p)
+    phi2 = 2 * phi / (1 + phi)
+    o2 = p + (1 - p) * phi2
+    assert pooled_reliability(r, p) == pytest.approx(o2 / (2 - o2))
+    assert r < pooled_reliability(r, p) < 1
+    assert pooled_reliability(1.0, p) == pytest.approx(1.0)
+    level = random_jaccard(p)
+    assert pooled_reliability(level, p) == pytest.approx(level)  # chance stays chance
+    assert pooled_reliability(0.0, p) == 0.0
+    # applying it twice is the same as factor 4 (Spearman–Brown composes)
+    assert pooled_reliability(pooled_reliability(r, p), p) == pytest.approx(pooled_reliability(r, p, factor=4))
+
+
+def test_pooled_reliability_matches_simulated_cores():
+    # Σ g² of batch gradients g = μ + noise, elements of varying mean μ; cores of n and 2n batches from new data
+    gen = torch.Generator().manual_seed(0)
+    n_el, p, n = 20000, 0.05, 4
+    mean = torch.randn(n_el, generator=gen) * 0.6
+
+    def core(batches):
+        imp = sum((mean + torch.randn(n_el, generator=gen)) ** 2 for _ in range(batches))
+        return select_core({"w": imp}, p)
+
+    halves = [core(n).jaccard(core(n)) for _ in range(4)]
+    pooled = [core(2 * n).jaccard(core(2 * n)) for _ in range(4)]
+    r_n, r_2n = sum(halves) / 4, sum(pooled) / 4
+    assert pooled_reliability(r_n, p) == pytest.approx(r_2n, abs=0.05)
+
+
+def test_affinity_by_hand_and_round_trip():
+    # S_a = 2·(1, 0), S_b = 2·(0.5, 0.5), S_c = 2·(−1, 0): two steps each, so ḡ = S / 2
+    dots = [[4.0, 2.0, -4.0], [2.0, 2.0, -2.0], [-4.0, -2.0, 4.0]]
+    rep = affinity_report(dots, ["a", "b", "c"], {"a": 2, "b": 2, "c": 2}, {"a": 1.0, "b": 2.0, "c": 0.5}, 0.1)
+    assert rep.gradient_dots[0][1] == pytest.approx(0.5)
+    assert rep.affinity[0][1] == pytest.approx(0.1 * 0.5 / 2.0)  # a's step on b's loss: η ḡa·ḡb / L_b
+    assert rep.affinity[1][0] == pytest.approx(0.1 * 0.5 / 1.0)
+    assert rep.symmetric[0][1] == pytest.approx((0.025 + 0.05) / 2)
+    assert rep.symmetric[0][2] < 0
+    again = AffinityReport.from_dict(json.loads(json.dumps(rep.to_dict())))
+    assert sum(again.symmetric, []) == pytest.approx(sum(rep.symmetric, []))
+    sub = rep.reorder(["c", "a"])
+    assert sub.symmetric[0][1] == pytest.approx(rep.symmetric[2][0])
+    with pytest.raises(DPIConfigError, match="loss"):
+        affinity_report(dots, ["a", "b", "c"], {"a": 2, "b": 2, "c": 2}, {"a": 0.0, "b": 1.0, "c": 1.0}, 0.1)
+    with pytest.raises(DPIConfigError, match="3x3"):
+        affinity_report(dots[:2], ["a", "b", "c"], {}, {}, 0.1)
+
+
+def test_gradient_dot_is_float64_over_every_tensor():
+    a = {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([[3.0]])}
+    b = {"x": torch.tensor([0.5, -1.0]), "y": torch.tensor([[2.0]])}
+    assert gradient_dot(a, b) == pytest.approx(0.5 - 2.0 + 6.0)
+    with pytest.raises(DPIConfigError, match="different parameters"):
+        gradient_dot(a, {"x": b["x"]})
+
+
+def _random_cores(names, seed=0):
+    rng = random.Random(seed)
+    shapes = {"w": (50,)}
+    return {t: CoreMask.from_indices({"w": torch.tensor(sorted(rng.sample(range(50), 5)))}, shapes) for t in names}
+
+
+def test_plan_on_affinity_groups_agreeing_tasks_and_splits_conflicting_ones():
+    tasks = ["a", "a2", "b"]
+    # a and a2 point the same way, b against both
+    dots = [[4.0, 3.0, -2.0], [3.0, 4.0, -2.5], [-2.0, -2.5, 4.0]]
+    rep = affinity_report(dots, tasks, dict.fromkeys(tasks, 1), dict.fromkeys(tasks, 1.0), 1e-3)
+    cores = _random_cores(tasks)
+    plan = plan_stages(cores, 0.1, overlap="affinity", affinity=rep)
+    assert plan.groups == [["a", "a2"], ["b"]] and plan.stages == [["a", "a2"], ["b"]]
+    assert plan.frozen_counts[1] == CoreMask.union_all([cores["a"], cores["a2"]]).count()
+    # a threshold above the a~a2 affinity splits them too
+    assert plan_stages(cores, 0.1, overlap="affinity", affinity=rep, affinity_threshold=0.01).groups == \
+        [["a"], ["a2"], ["b"]]
+    text = plan.describe()
+    assert "task affinity" in text and "groups (affinity > 0)" in text
+    again = StagePlan.from_json(plan.to_json())
+    assert again.overlap == "affinity" and sum(again.affinity.symmetric, []) == pytest.approx(sum(rep.symmetric, []))
+    # the affinity report travels with any plan, so a corrected-overlap run can be re-planned on affinity
+    raw = plan_stages(cores, 0.0, overlap="raw", affinity=rep)
+    assert raw.groups == [tasks] and StagePlan.from_json(raw.to_json()).affinity is not None
+    with pytest.raises(DPIConfigError, match="probe_affinity"):
+        plan_stages(cores, 0.1, overlap="affinity")
+    with pytest.raises(DPIConfigError, match="affinity_threshold"):
+        plan_stages(cores, 0.1, overlap="affinity", affinity=rep, affinity_threshold=float("nan"))
