@@ -157,6 +157,8 @@ def train_and_evaluate(ctx: RunContext, name: str, fields: Mapping[str, Any], se
         "train_seconds": sum(p["seconds"] for p in stage_phases),
         "probe_examples": sum(p["examples"] for p in probe_phases),
         "probe_seconds": sum(p["seconds"] for p in probe_phases),
+        "probe_tokens": sum(p.get("tokens", 0) for p in probe_phases),
+        "train_tokens": sum(p.get("tokens", 0) for p in stage_phases),
         # every example a method trained on, probes included: with fusion the probes' training is in the model
         "total_examples": sum(p["examples"] for p in phases),
         "total_steps": sum(p.get("steps") or 0 for p in phases),

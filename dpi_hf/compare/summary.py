@@ -39,7 +39,7 @@ def summarise(records: list[dict], tasks: list[str]) -> dict:
     out["macro"] = mean_std([r["macro"] for r in records])
     out["mean_nll"] = mean_std([mean_nll(r, tasks) for r in records])
     for key in ("train_examples", "train_steps", "train_seconds", "probe_examples", "probe_seconds",
-                "total_examples", "total_steps", "eval_seconds"):
+                "probe_tokens", "train_tokens", "total_examples", "total_steps", "eval_seconds"):
         out[key] = mean_std([r.get(key) for r in records])
     out["forgetting"] = mean_std([r["forgetting"]["mean"] for r in records if "forgetting" in r])
     return out

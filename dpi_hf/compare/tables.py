@@ -52,15 +52,15 @@ def comparison_markdown(results: dict) -> str:
               "start from — and `total examples` counts probes and stages: what each method spent in all. "
               "Forgetting: mean over tasks trained before the last stage of (NLL after the last stage − NLL after "
               "the task's own stage).", ""]
-    header = ["method", "train examples", "train steps", "train s", "probe examples", "probe s", "total examples",
-              "eval s", "forgetting ΔNLL"]
+    header = ["method", "train examples", "train steps", "train s", "probe examples", "probe s",
+              "probe / train tokens", "total examples", "eval s", "forgetting ΔNLL"]
     lines += [_row(header), _row(["---"] * len(header))]
     for method, s in summary.items():
         if method == "base":
             continue
         lines.append(_row([method, _fmt(s["train_examples"], 0), _fmt(s["train_steps"], 0),
                            _fmt(s["train_seconds"], 0), _fmt(s["probe_examples"], 0), _fmt(s["probe_seconds"], 0),
-                           _fmt(s.get("total_examples", {"mean": None}), 0), _fmt(s["eval_seconds"], 0),
+                           _token_share(s), _fmt(s.get("total_examples", {"mean": None}), 0), _fmt(s["eval_seconds"], 0),
                            _fmt(s["forgetting"], 3)]))
     same = results["budget"]["same_budget"]
     lines += ["", f"Same number of training examples for every run: **{'yes' if same else 'NO'}** "
@@ -116,6 +116,13 @@ def _paired_lines(paired: dict | None, tasks: list[str]) -> list[str]:
                           + [_fmt(d["nll"][t], 3) for t in tasks]
                           + [_fmt(d["macro"], 2), f"{d['higher_macro']}/{d['macro']['n']}"]))
     return lines
+
+
+def _token_share(s: dict) -> str:
+    """Probe tokens (forward and backward) as a share of the stages' tokens, e.g. "31%"; "-" without probes."""
+    probe = (s.get("probe_tokens") or {}).get("mean")
+    train = (s.get("train_tokens") or {}).get("mean")
+    return f"{100 * probe / train:.0f}%" if probe and train else "-"
 
 
 def _row(cells: list[str]) -> str:

@@ -26,6 +26,8 @@ from .masks import CoreMask
 from .reliability import ReliabilityReport, describe_reliability
 
 STAGE_ORDERS = ("given", "largest_first", "random")
+# what a DPI plan of one stage means, said before any stage is paid for
+ONE_STAGE_NOTE = "one stage: DPI is multitask here"
 OVERLAPS = ("raw", "corrected", "affinity")
 
 
@@ -227,7 +229,17 @@ class StagePlan:
         for k, s in enumerate(self.stages):
             frozen = f", frozen {100 * self.frozen_fraction(k):.2f}%" if self.frozen_counts else ""
             lines.append(f"stage {k + 1}/{len(self.stages)}: {s}{frozen}")
+        if self.is_multitask:
+            lines.append(f"{ONE_STAGE_NOTE}: every task is in one group, so the stages train exactly what "
+                         "staging='multitask' trains (plus these probes); a higher threshold or another overlap "
+                         "splits them (`dpi-hf plan RUN --jaccard-threshold TAU` or `--overlap affinity`).")
         return "\n".join(lines)
+
+    @property
+    def is_multitask(self) -> bool:
+        """Whether this is a DPI plan (grouped on overlaps, not a baseline's fixed stages) of several tasks in one
+        stage: then it trains what the multi-task mixture trains."""
+        return self.stage_order in STAGE_ORDERS and len(self.tasks) > 1 and len(self.stages) == 1
 
 
 def plan_from_groups(

@@ -244,10 +244,7 @@ def format_report(report: RunReport) -> str:
                          f"{_fmt(s['macro_after'])}")
     cost = s.get("cost") or {}
     if cost.get("probe", {}).get("phases"):
-        p, t = cost["probe"], cost["stage"]
-        lines += ["", f"Training cost: probes {p['phases']} runs, {p['steps']} steps, {p['examples']} examples, "
-                      f"{p['seconds']:.0f} s; stages {t['phases']}, {t['steps']} steps, {t['examples']} examples, "
-                      f"{t['seconds']:.0f} s."]
+        lines += ["", "Training cost: " + cost_line(cost)]
     lines += ["", "Artifacts:"]
     width = max(len(k) for k in report.files)
     lines += [f"  {k:<{width}}  {v}" for k, v in report.files.items()]
@@ -258,13 +255,31 @@ def format_report(report: RunReport) -> str:
 
 
 def _cost(records) -> dict:
-    """Probe and stage cost of a run (phases, optimizer steps, training examples, seconds), from its phase records."""
+    """Probe and stage cost of a run (phases, optimizer steps, training examples, tokens through forward and backward,
+    seconds), from its phase records."""
     out = {}
     for kind in ("probe", "stage"):
         rs = [r for r in records if r.kind == kind]
         out[kind] = {"phases": len(rs), "steps": sum(r.steps for r in rs), "examples": sum(r.examples for r in rs),
-                     "seconds": round(sum(r.seconds for r in rs), 1)}
+                     "tokens": sum(getattr(r, "tokens", 0) for r in rs), "seconds": round(sum(r.seconds for r in rs), 1)}
     return out
+
+
+def cost_line(cost: dict) -> str:
+    """One line: what the probes cost (runs, steps, examples, forward+backward tokens, seconds) and what share of the
+    stages' training that is, by tokens and by time."""
+    p, t = cost["probe"], cost.get("stage") or {}
+
+    def share(key):
+        return f"{100 * p[key] / t[key]:.0f}%" if t.get(key) else "-"
+
+    line = (f"probes {p['phases']} runs, {p['steps']} steps, {p['examples']} examples, {p.get('tokens', 0):,} tokens "
+            f"(forward and backward), {p['seconds']:.0f} s")
+    if t.get("phases"):
+        line += (f"; stages {t['phases']}, {t['steps']} steps, {t['examples']} examples, {t.get('tokens', 0):,} "
+                 f"tokens, {t['seconds']:.0f} s; probes / training = {share('tokens')} of the tokens, "
+                 f"{share('seconds')} of the time")
+    return line + "."
 
 
 def _macro(macro_score, results: dict):

@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from ..core.affinity import DEFAULT_AFFINITY_THRESHOLD, validate_affinity_threshold
 from ..core.errors import DPIConfigError
 from ..core.planning import OVERLAPS, STAGE_ORDERS, validate_jaccard_threshold
 from ..core.selection import CORE_SCOPES, validate_core_fraction
-from ..core.signals import SIGNALS, validate_signal
+from ..core.signals import GRADIENT_SIGNALS, SIGNALS, validate_signal
 
 STRATEGIES = ("dpi", "multitask", "random", "given")
 RELIABILITY_MODES = ("none", "split_half")
@@ -77,13 +78,27 @@ class DPIConfig(SFTConfig):
             the probe). Measured on SmolLM2-135M, Σ g² cores reproduce across disjoint halves of a task's data far
             better than |θ − θ0| cores for the same probe length (docs/results.md, "Are the cores reliable?").
         probe_reliability (`str`, defaults to `"split_half"`):
-            `"split_half"`: probe each task twice from θ0, on two disjoint halves of its rows (each for the full probe
-            length), report the reliability r (the Jaccard of the two half-cores) and the reliability-corrected
-            overlaps, and select the task's core from the two halves' pooled importance. Doubles the probe cost.
+            `"split_half"`: one probe per task whose batches alternate between two disjoint halves of the task's rows,
+            each half's gradients going into an importance accumulator of its own (a gradient `core_signal`; with
+            `"update"` the two halves are two probes from θ0, each `probe_steps` long). It reports the reliability r
+            (the Jaccard of the two half-cores, each from half the probe's batches), its Spearman–Brown estimate for
+            the core actually used, and the reliability-corrected overlaps; the task's core is selected from the
+            pooled importance of the whole pass. Costs nothing beyond the probe itself (one more accumulator).
             `"none"`: one probe per task on all its rows.
         overlap (`str`, defaults to `"corrected"`):
-            The matrix τ groups on: `"corrected"` (half-level overlap divided by sqrt(r_a·r_b), needs
-            `probe_reliability="split_half"`) or `"raw"` (the Jaccard of the pooled cores).
+            The matrix the groups form on: `"corrected"` (half-level overlap divided by sqrt(r_a·r_b) ≥
+            `jaccard_threshold`, needs `probe_reliability="split_half"`), `"raw"` (the Jaccard of the pooled cores ≥
+            `jaccard_threshold`) or `"affinity"` (the tasks' first-order TAG affinity > `affinity_threshold`, needs
+            `probe_affinity`; docs/method.md).
+        probe_affinity (`bool` or `None`, defaults to `None`):
+            Record each task's signed gradient sum during its probe (a gradient `core_signal`) and store the tasks'
+            gradient dot products and losses in `plan.json`, so that `overlap="affinity"` can group on them now or
+            `dpi-hf plan RUN --overlap affinity` later. Costs one float32 buffer per considered element on the
+            parameter's device during a Σg² probe, and one model-sized float32 file per task under `_dpi_runs/`
+            until the last probe ends. `None`: True when `overlap="affinity"`.
+        affinity_threshold (`float`, defaults to `0.0`):
+            With `overlap="affinity"`, tasks whose symmetric affinity η ḡ_i·ḡ_j (1/L_i + 1/L_j)/2 is above this
+            share a group (0: a training step on either task lowers the other's loss).
         strict_reliability (`bool`, defaults to `False`):
             Stop with an error, before any stage trains, when a task's core is not clearly more reproducible than
             chance and than its overlap with other tasks (by default that is a warning).
@@ -97,13 +112,14 @@ class DPIConfig(SFTConfig):
             Learning-rate schedule of the probes (a probe that decays to 0 weighs its last steps less).
         probe_batch_size (`int` or `None`, defaults to `None`):
             Per-device batch size of the probes; `None` uses `per_device_train_batch_size`.
-        probe_updates_weights (`bool`, defaults to `True`):
+        probe_updates_weights (`bool` or `None`, defaults to `None`):
             Whether the probes take optimizer steps (a short fine-tune). `False`, with a gradient `core_signal`
             (`"fisher"` or `"gradsum"`): each probe accumulates the gradients of `probe_steps` batches at the current
             weights and never steps, so the model does not move, no θ0 copy is kept and no optimizer state is built.
             Measured on SmolLM2-135M, Σ g² at the current weights is at least as reproducible as Σ g² over a probe
-            fine-tune of the same length, and its cores protect as well (docs/results.md, "Protecting what a model
-            already knows").
+            fine-tune of the same length (r = 0.43–0.75 at 16 batches against 0.40–0.54), and its cores protect as
+            well (docs/results.md). `None`: False for a gradient `core_signal` without fusion, True otherwise
+            (`"update"` needs steps to move θ; `fusion="cpi"` fuses the fine-tuned probe models).
         protect_cores_from (`str` or `None`, defaults to `None`):
             A directory (a run's `output_dir` or its `dpi/` folder, e.g. from `probe_cores` or `dpi-hf probe`) or a
             Hub repo id whose cores stay frozen, bit-exact, for the whole training: with one dataset DPITrainer is
@@ -188,7 +204,7 @@ class DPIConfig(SFTConfig):
         metadata={"help": "Measure each core's split-half reliability.", "choices": list(RELIABILITY_MODES)},
     )
     overlap: str = field(
-        default="corrected", metadata={"help": "Matrix the Jaccard threshold groups on.", "choices": list(OVERLAPS)}
+        default="corrected", metadata={"help": "Matrix the groups form on.", "choices": list(OVERLAPS)}
     )
     strict_reliability: bool = field(
         default=False, metadata={"help": "Error (not warning) when a task's core is not reliable."}
@@ -200,9 +216,10 @@ class DPIConfig(SFTConfig):
     probe_batch_size: int | None = field(
         default=None, metadata={"help": "Per-device batch size of the probes (default: per_device_train_batch_size)."}
     )
-    probe_updates_weights: bool = field(
-        default=True,
-        metadata={"help": "Probes take optimizer steps; False: gradient signals at the current weights, no step."},
+    probe_updates_weights: bool | None = field(
+        default=None,
+        metadata={"help": "Probes take optimizer steps; False: gradient signals at the current weights, no step "
+                          "(default: False for fisher/gradsum without fusion)."},
     )
     protect_cores_from: str | None = field(
         default=None, metadata={"help": "Directory or Hub repo id whose cores stay frozen for the whole training."}
@@ -227,6 +244,15 @@ class DPIConfig(SFTConfig):
     )
     fusion_stage_fraction: float = field(
         default=1.0, metadata={"help": "Share in (0, 1] of the staged budget spent after the fusion."}
+    )
+    probe_affinity: bool | None = field(
+        default=None,
+        metadata={"help": "Record the tasks' gradient dot products for overlap='affinity' (default: when it is "
+                          "the overlap)."},
+    )
+    affinity_threshold: float = field(
+        default=DEFAULT_AFFINITY_THRESHOLD,
+        metadata={"help": "overlap='affinity': tasks with symmetric affinity above this share a group."},
     )
 
     def __post_init__(self):
@@ -279,6 +305,8 @@ class DPIConfig(SFTConfig):
         if self.probe_batch_size is not None and not (isinstance(self.probe_batch_size, int)
                                                       and self.probe_batch_size >= 1):
             raise DPIConfigError(f"probe_batch_size={self.probe_batch_size!r} must be a positive integer or None.")
+        if self.probe_updates_weights is None:  # no-step Σg² where it measured as reliable; steps where needed
+            self.probe_updates_weights = not (self.core_signal in GRADIENT_SIGNALS and self.fusion == "none")
         if not isinstance(self.probe_updates_weights, bool):
             raise DPIConfigError(f"probe_updates_weights={self.probe_updates_weights!r} must be True or False.")
         if not self.probe_updates_weights and self.core_signal == "update" and self.needs_probes \
@@ -305,6 +333,7 @@ class DPIConfig(SFTConfig):
                 f"protect_cores_from={self.protect_cores_from!r} must be a directory or a Hub repo id."
             )
         self._validate_fusion()
+        self._validate_affinity()
         for field_name in ("core_include", "core_exclude"):
             v = getattr(self, field_name)
             if isinstance(v, str):
@@ -342,6 +371,24 @@ class DPIConfig(SFTConfig):
             raise DPIConfigError(
                 "fusion='cpi' fuses the models the probes fine-tune, and probe_updates_weights=False takes no step "
                 "(every probe model would be θ0); set probe_updates_weights=True or fusion='none'."
+            )
+
+    def _validate_affinity(self) -> None:
+        self.affinity_threshold = validate_affinity_threshold(self.affinity_threshold)
+        if self.probe_affinity is None:
+            self.probe_affinity = self.overlap == "affinity"
+        if not isinstance(self.probe_affinity, bool):
+            raise DPIConfigError(f"probe_affinity={self.probe_affinity!r} must be True, False or None.")
+        probes_here = self.needs_probes and self.masks_from is None
+        if self.overlap == "affinity" and probes_here and not self.probe_affinity:
+            raise DPIConfigError(
+                "overlap='affinity' groups on the tasks' gradient dot products, which probe_affinity=False does not "
+                "record; set probe_affinity=True (or leave it unset) or pick overlap='corrected'."
+            )
+        if self.probe_affinity and probes_here and self.core_signal not in GRADIENT_SIGNALS:
+            raise DPIConfigError(
+                f"probe_affinity reads the probes' gradients, and core_signal={self.core_signal!r} reads none; use "
+                "core_signal='fisher' (or 'gradsum'), or set probe_affinity=False and overlap='corrected'."
             )
 
     @property

@@ -28,6 +28,9 @@ class PhaseRecord:
         steps: optimizer steps taken.
         examples: training examples stepped on, over all data-parallel ranks (rows of every micro-batch, counted at
             the training step).
+        tokens: tokens that went through a forward and a backward pass, over all data-parallel ranks (the non-padding
+            tokens of every micro-batch, prompt included; a probe that takes no optimizer step still pays both
+            passes).
         seconds: wall-clock time of the phase.
         train_loss: mean training loss (None when unknown).
         frozen: number of parameter elements kept frozen during the phase (0 for probes).
@@ -43,6 +46,7 @@ class PhaseRecord:
     steps: int = 0
     examples: int = 0
     seconds: float = 0.0
+    tokens: int = 0
     train_loss: float | None = None
     frozen: int = 0
     half: int | None = None
@@ -67,3 +71,12 @@ def batch_rows(inputs: Mapping[str, Any]) -> int:
     if ids.shape[0] == 1 and "position_ids" in inputs and "attention_mask" not in inputs:
         return int((inputs["position_ids"] == 0).sum())  # padding-free batch: sequences restart at position 0
     return int(ids.shape[0])
+
+
+def batch_tokens(inputs: Mapping[str, Any]) -> int:
+    """Number of tokens a collated micro-batch puts through the model: its attention mask's ones when it has one
+    (padding excluded), else every position (padding-free batches hold no padding)."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    return int(inputs["input_ids"].numel())

@@ -37,10 +37,14 @@ _BUDGET_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_schedule
                   "bf16", "fp16")
 
 
+# fields whose default None is resolved from the others when the config is built (never "set" by themselves)
+_RESOLVED_FIELDS = ("probe_updates_weights", "probe_affinity")
+
+
 def dpi_fields_changed(args: DPIConfig) -> list[str]:
     defaults = DPIConfig.__dataclass_fields__
     return [n for n in DPI_FIELDS
-            if n not in _BOOKKEEPING_FIELDS and getattr(args, n) != defaults[n].default]
+            if n not in _BOOKKEEPING_FIELDS and n not in _RESOLVED_FIELDS and getattr(args, n) != defaults[n].default]
 
 
 def dpi_settings(args: DPIConfig) -> dict:
