@@ -142,3 +142,90 @@ def test_plan_on_affinity_groups_agreeing_tasks_and_splits_conflicting_ones():
         plan_stages(cores, 0.1, overlap="affinity")
     with pytest.raises(DPIConfigError, match="affinity_threshold"):
         plan_stages(cores, 0.1, overlap="affinity", affinity=rep, affinity_threshold=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def _answer_task(answer: str, n: int, seed: int):
+    """Prompts "say w1 w2 w3" (random words, seeded), each answered with the same ``answer``."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    words = "the cat dog sat on mat red blue green".split()
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": "say " + " ".join(rng.choice(words)
+                                                                                        for _ in range(3))}],
+                               "completion": [{"role": "assistant", "content": answer}]} for _ in range(n)])
+
+
+def _format_learned_model(tokenizer, tmp_path, rows):
+    """A tiny model trained on the mixture of both answers, so that it has learned the answer's format (the end of
+    turn) and hesitates between the two answers: there the two answers' gradients point against each other."""
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(tokenizer)
+    args = SFTConfig(output_dir=str(tmp_path / "warm"), max_steps=40, per_device_train_batch_size=8, learning_rate=1e-2,
+                     save_strategy="no", report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+                     max_length=64, seed=0, dataset_num_proc=None, disable_tqdm=True, logging_steps=40)
+    SFTTrainer(model, args=args, train_dataset=rows, processing_class=tokenizer).train()
+    return model
+
+
+def test_affinity_splits_conflicting_tasks_and_keeps_agreeing_ones_end_to_end(tmp_path, tokenizer):
+    """Same prompts, different answers: the two tasks conflict (a step on one raises the other's loss) and train in
+    different stages; a second task with the same answer agrees with the first and shares its stage. Then the run
+    re-plans from its saved record (dpi-hf plan --overlap affinity) and masks_from reuses it without probing."""
+    from datasets import concatenate_datasets
+
+    from conftest import dpi_args
+    from dpi_hf import DPITrainer
+    from dpi_hf.cli import main as cli_main
+
+    tasks = {"cat": _answer_task("cat", 32, 1), "cat_again": _answer_task("cat", 32, 2),
+             "dog": _answer_task("dog", 32, 1)}  # dog: the same prompts as cat, the other answer
+    model = _format_learned_model(tokenizer, tmp_path, concatenate_datasets([tasks["cat"], tasks["dog"]]))
+    args = dpi_args(tmp_path, overlap="affinity", probe_steps=4, max_steps=4, learning_rate=1e-3)
+    assert args.probe_affinity is True and args.probe_updates_weights is False  # both resolved from the defaults
+    tr = DPITrainer(model, args=args, train_dataset=tasks, processing_class=tokenizer)
+    tr.train()
+    aff = tr.plan.affinity
+    i = {t: k for k, t in enumerate(aff.tasks)}
+    assert aff.symmetric[i["cat"]][i["dog"]] < 0 and aff.symmetric[i["cat_again"]][i["dog"]] < 0
+    assert aff.symmetric[i["cat"]][i["cat_again"]] > 0
+    assert tr.plan.groups == [["cat", "cat_again"], ["dog"]] and len(tr.plan.stages) == 2
+    out = tmp_path / "out"
+    record = json.loads((out / "dpi" / "plan.json").read_text())
+    assert record["overlap"] == "affinity" and record["affinity"]["learning_rate"] == 1e-3
+    assert record["affinity"]["steps"] == {"cat": 4, "cat_again": 4, "dog": 4}
+    assert not list((out / "_dpi_runs" / "probes").glob("*.gradient.safetensors"))  # deleted once the dots are in
+    # re-plan without probing, on another overlap and back
+    assert cli_main(["plan", str(out), "--overlap", "corrected", "--jaccard-threshold", "0"]) == 0
+    assert cli_main(["plan", str(out), "--overlap", "affinity", "--save", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["groups"] == [["cat", "cat_again"], ["dog"]]
+    # masks_from: the affinity comes with the masks, no probe runs
+    reuse = DPITrainer(tiny_llama_like(tokenizer), args=dpi_args(tmp_path / "reuse", overlap="affinity", max_steps=3,
+                                                                 masks_from=str(out), allow_mask_mismatch=True),
+                       train_dataset=tasks, processing_class=tokenizer)
+    reuse.train()
+    assert reuse.plan.groups == tr.plan.groups and not any(r.kind == "probe" for r in reuse.phase_records)
+
+
+def tiny_llama_like(tokenizer):
+    from conftest import tiny_llama
+
+    return tiny_llama(tokenizer)
+
+
+def test_alternating_halves_sampler_keeps_the_halves_apart():
+    from dpi_hf.trainer.multitask import AlternatingHalvesSampler
+
+    sampler = AlternatingHalvesSampler(5, 7, block=2, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 2 * 4 * 2  # 2·⌈7/2⌉ blocks of 2 rows
+    for order in (first, second):
+        blocks = [order[k:k + 2] for k in range(0, len(order), 2)]
+        assert all(all(i < 5 for i in b) for b in blocks[0::2])  # even steps: half 1 only
+        assert all(all(5 <= i < 12 for i in b) for b in blocks[1::2])  # odd steps: half 2 only
+        assert set(order[1::4] + order[0::4]) == set(range(5))  # every row of half 1 is read
+        assert set(i for b in blocks[1::2] for i in b) == set(range(5, 12))
+    assert first != second  # each epoch draws a new order

@@ -144,7 +144,10 @@ def test_planted_structure_tasks_on_disjoint_embedding_rows(tmp_path, tokenizer)
     record = json.loads((out / "dpi" / "plan.json").read_text())
     assert record["reliability"] == rel.reliability and record["overlap"] == "corrected"
     assert record["corrected_jaccard"] == rel.corrected_jaccard and record["random_level"] == rel.random_level
-    assert record["probe_cost"] == {"phases": 6, "steps": 24, "examples": 96}
+    # one pass per task (the halves alternate step by step): 3 probes of 4 steps of 4 rows
+    cost = record["probe_cost"]
+    assert {k: cost[k] for k in ("phases", "steps", "examples")} == {"phases": 3, "steps": 12, "examples": 48}
+    assert cost["tokens"] > 48 * 12 and record["probe_updates_weights"] is False  # no-step Σg²: the default
     assert record["core_signal"] == "fisher" and record["probe_weight_decay"] == 0.0
     assert (out / "dpi" / "overlap.png").stat().st_size > 5000
     assert not any(out.glob("stage-*")) and not (out / "_dpi_runs" / "stage-0").exists()

@@ -69,7 +69,7 @@ def _artifact_bytes(out: Path) -> dict:
 # kill points spread over a run: mid probe (a Trainer step), after a probe's cores are written, after the plan and
 # artifacts, mid stage (checkpoints exist), after a stage's weights are saved but before its progress is recorded,
 # and after the final card (a finished run resumed)
-KILL_POINTS = ["probe-rev-half2:2", "point:after-probe-add", "point:after-plan", "stage-1:2",
+KILL_POINTS = ["probe-rev:2", "point:after-probe-add", "point:after-plan", "stage-1:2",
                "point:after-stage-0-save", "point:after-card"]
 
 
@@ -196,7 +196,7 @@ def _tensors(path: Path) -> dict:
 
 # with fusion="cpi": mid probe (the probe models written so far are kept), after the transplant map but before the
 # fused weights (the fusion runs again), after the fused weights (they are reloaded), mid first stage (its checkpoint)
-FUSION_KILL_POINTS = ["probe-rev-half2:2", "point:during-fusion", "point:after-fusion", "stage-0:2"]
+FUSION_KILL_POINTS = ["probe-rev:2", "point:during-fusion", "point:after-fusion", "stage-0:2"]
 
 
 @pytest.mark.parametrize("kill_at", FUSION_KILL_POINTS)

@@ -27,8 +27,12 @@ def add_parser(subparsers, parents=()):
                       help="stage order (default: the run's); largest_first ranks groups by core size here, as "
                            "the training-set sizes are not stored with the cores")
     plan.add_argument("--overlap", choices=OVERLAPS, default=None,
-                      help="matrix τ applies to: the cores' Jaccard (raw) or the reliability-corrected overlap "
-                           "(needs a run probed with probe_reliability=split_half); default: the run's")
+                      help="what the groups form on: the cores' Jaccard (raw), the reliability-corrected overlap "
+                           "(needs a run probed with probe_reliability=split_half), or the tasks' TAG affinity (needs "
+                           "a run probed with probe_affinity=True); default: the run's")
+    plan.add_argument("--affinity-threshold", type=float, default=None, metavar="A",
+                      help="with --overlap affinity: tasks whose symmetric affinity is above A share a stage "
+                           "(default: the run's, else 0)")
     plan.add_argument("--seed", type=int, default=None,
                       help="seed of --order random (default: the run's seed, else 0)")
     plan.add_argument("--save", metavar="FILE", default=None,
@@ -51,10 +55,14 @@ def run(args, _extra) -> int:
     reliability = saved.reliability if saved is not None else None
     overlap = args.overlap or (saved.overlap if saved is not None and reliability is not None else "raw")
     seed = args.seed if args.seed is not None else _run_seed(args.output_dir)
+    affinity = saved.affinity if saved is not None else None
+    threshold = args.affinity_threshold if args.affinity_threshold is not None else (
+        saved.affinity_threshold if saved is not None else 0.0)
     plan = plan_stages(cores, tau, order=order, seed=seed, tasks=tasks, sizes=sizes, reliability=reliability,
-                       overlap=overlap)
-    print(f"Plan from {args.output_dir} (τ = {plan.jaccard_threshold} on the {overlap} overlap, order {order}; "
-          f"{len(tasks)} tasks):")
+                       overlap=overlap, affinity=affinity, affinity_threshold=threshold)
+    rule = f"affinity > {plan.affinity_threshold:g}" if overlap == "affinity" else \
+        f"τ = {plan.jaccard_threshold} on the {overlap} overlap"
+    print(f"Plan from {args.output_dir} ({rule}, order {order}; {len(tasks)} tasks):")
     print(plan.describe())
     if saved is not None and saved.stages != plan.stages:
         print(f"(the run trained the stages {saved.stages} with τ = {saved.jaccard_threshold})")

@@ -190,3 +190,27 @@ def describe_affinity(report: AffinityReport) -> str:
         *(f"{t:<{w}} " + " ".join(f"{v:9.2e}" for v in row) for t, row in zip(report.tasks, report.symmetric)),
         "  loss L per task: " + ", ".join(f"{t} {report.losses[t]:.3f}" for t in report.tasks),
     ])
+
+
+def gradient_dot_file(sums: Mapping[str, torch.Tensor], path) -> float:
+    """Σ over parameters of sums[n] · (the tensor ``n`` of the safetensors file ``path``), in float64, reading the
+    file one tensor at a time (so a task's saved gradient sum never has to be in memory whole).
+
+    Args:
+        sums: name → full (not sharded) tensor, e.g. a task's signed gradient sum under DDP or on one device.
+        path: a safetensors file holding a tensor of the same shape for every name of ``sums``.
+    """
+    from safetensors import safe_open
+
+    total = torch.zeros((), dtype=torch.float64)
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        missing = [n for n in sums if n not in names]
+        if missing:
+            raise DPIConfigError(f"the gradient sum in {str(path)!r} has no tensor {missing[0]!r}; probe again.")
+        for n, x in sums.items():
+            if hasattr(x, "to_local"):
+                raise DPIConfigError("gradient_dot_file needs full tensors; sharded sums are reduced by gradient_dot.")
+            y = f.get_tensor(n)
+            total += torch.dot(x.detach().reshape(-1).to("cpu", torch.float64), y.reshape(-1).to(torch.float64))
+    return float(total)

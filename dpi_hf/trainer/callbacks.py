@@ -65,6 +65,13 @@ class CoreProbeCallback(TrainerCallback):
         update_weights: let the optimizer step (default True). False (gradient signals only): the gradients are
             accumulated and then dropped before every optimizer step, so the run reads the importance at the current
             weights and never moves them (the optimizer skips parameters without a gradient, weight decay included).
+        split_half: (gradient signals) add the gradients of even optimizer steps into one accumulator and of odd steps
+            into another (default False): one pass yields two half-importances, whose cores land in
+            :attr:`half_cores`, and :attr:`core` is selected from both pooled. The halves are independent when the
+            steps' rows are (``DPITrainer`` alternates the two halves of a task's rows step by step).
+        keep_gradient_sum: (gradient signals) also accumulate the signed gradient sum Σ g and keep it, on the
+            parameters' devices, in :attr:`gradient_sum` after training, with :attr:`gradient_steps` (default False;
+            one float32 buffer per considered element, for :mod:`dpi_hf.core.affinity`).
 
     After training, :attr:`core` holds the :class:`CoreMask` and :attr:`ties` the threshold tie report (see
     :func:`dpi_hf.core.signals.threshold_ties`); a warning is logged when the threshold falls among exact zeros or
@@ -83,6 +90,8 @@ class CoreProbeCallback(TrainerCallback):
         signal: str = DEFAULT_SIGNAL,
         keep_importance: bool = False,
         update_weights: bool = True,
+        split_half: bool = False,
+        keep_gradient_sum: bool = False,
     ):
         self.core_fraction = validate_core_fraction(core_fraction)
         self.scope = validate_scope(scope)
@@ -102,6 +111,16 @@ class CoreProbeCallback(TrainerCallback):
                 "update_weights=True."
             )
         self.update_weights = update_weights
+        if (split_half or keep_gradient_sum) and not spec.reads_gradients:
+            raise DPIConfigError(
+                f"split_half and keep_gradient_sum read the probe's gradients, and signal={self.signal!r} "
+                f"({spec.formula}) reads none; use a gradient signal ({' or '.join(map(repr, gradient_signals()))})."
+            )
+        self.split_half = split_half
+        self.keep_gradient_sum = keep_gradient_sum
+        self.half_cores: tuple[CoreMask, CoreMask] | None = None
+        self.gradient_sum: dict[str, torch.Tensor] | None = None
+        self.gradient_steps = 0
         self.core: CoreMask | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.ties: dict | None = None
@@ -120,13 +139,16 @@ class CoreProbeCallback(TrainerCallback):
                     f"signal={self.signal!r} cannot read gradients under DeepSpeed ZeRO-3 (they live in the engine's "
                     "partitions and the engine steps inside backward); use signal='update' or DDP/FSDP2."
                 )
-            self._accumulator = ImportanceAccumulator(model, self.signal, self.include, self.exclude)
+            self._accumulator = ImportanceAccumulator(model, self.signal, self.include, self.exclude,
+                                                      parts=2 if self.split_half else 1,
+                                                      keep_signed_sum=self.keep_gradient_sum)
         elif self._owns_reference:
             self.reference = snapshot_parameters(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self._accumulator is not None:
-            self._accumulator.accumulate()
+            # split-half: optimizer steps alternate between the halves (the trainer's sampler alternates their rows)
+            self._accumulator.accumulate(state.global_step % 2 if self.split_half else 0)
         if not self.update_weights:
             # no gradient, no step: torch optimizers skip parameters whose .grad is None (their weight decay too)
             for p in model.parameters():
@@ -148,6 +170,9 @@ class CoreProbeCallback(TrainerCallback):
         if self._owns_reference:
             self.reference = None  # free θ0
         if self._accumulator is not None:
+            if self.keep_gradient_sum:  # on the parameters' devices; the caller drops it when done
+                self.gradient_sum = self._accumulator.signed_sum()
+                self.gradient_steps = self._accumulator.steps
             self._accumulator.release()
             self._accumulator = None
 
@@ -173,6 +198,9 @@ class CoreProbeCallback(TrainerCallback):
         message = tie_warning(self.ties, f"core of {self.task_name!r} ({self.signal})")
         if message:
             logger.warning(message)
+        if self.split_half:
+            self.half_cores = tuple(select_core(self._accumulator.importance(h), self.core_fraction, scope=self.scope)
+                                    for h in (0, 1))
         return core
 
 

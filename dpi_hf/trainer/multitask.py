@@ -81,3 +81,44 @@ def split_halves(rows: Dataset, seed: int) -> list[Dataset]:
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     mid = len(rows) // 2
     return [rows.select(sorted(order[:mid])), rows.select(sorted(order[mid:]))]
+
+
+class AlternatingHalvesSampler(torch.utils.data.Sampler):
+    """Row order of a one-pass split-half probe over ``concatenate([half_1, half_2])``: blocks of ``block`` rows that
+    alternate between the two halves (block 0 from half 1, block 1 from half 2, ...), so that optimizer step s reads
+    rows of half s mod 2 only and the two halves' importance accumulators see disjoint rows.
+
+    Args:
+        n1, n2: the halves' sizes (rows [0, n1) are half 1, [n1, n1 + n2) half 2).
+        block: rows per optimizer step over all processes: per-device batch × gradient accumulation × world size
+            (accelerate hands each process every world-size-th batch, so one step's rows are consecutive here).
+        seed: seeds each half's row order; each pass (epoch) and each restart of an exhausted half draws a new order.
+
+    One epoch is 2·⌈max(n1, n2) / block⌉ blocks (an even number of steps, so the alternation survives epochs); the
+    smaller half starts its rows again, in a new order, when it runs out.
+    """
+
+    def __init__(self, n1: int, n2: int, block: int, seed: int = 0):
+        if n1 < 1 or n2 < 1 or block < 1:
+            raise ValueError(f"AlternatingHalvesSampler needs two non-empty halves and block >= 1 (got {n1}, {n2}, "
+                             f"{block}).")
+        self.sizes, self.block, self.seed = (n1, n2), block, seed
+        self.blocks = 2 * -(-max(n1, n2) // block)
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return self.blocks * self.block
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self._epoch)
+        self._epoch += 1
+        offsets = (0, self.sizes[0])
+        orders = [torch.randperm(n, generator=gen).tolist() for n in self.sizes]
+        pos = [0, 0]
+        for b in range(self.blocks):
+            h = b % 2
+            for _ in range(self.block):
+                if pos[h] == self.sizes[h]:
+                    orders[h], pos[h] = torch.randperm(self.sizes[h], generator=gen).tolist(), 0
+                yield offsets[h] + orders[h][pos[h]]
+                pos[h] += 1

@@ -291,7 +291,7 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
         (cores, source): task → CoreMask, and a dict with the masks' ``path``, the sha256 ``digest`` of their cores
         file, their own ``settings`` (recorded in
         the new artifacts instead of the config's), the ``mismatches`` accepted, ``other_weights`` (the accepted
-        fingerprint mismatch, or None) and their ``reliability`` report (or None).
+        fingerprint mismatch, or None), their ``reliability`` report and their ``affinity`` report (or None).
     """
     dpi_dir = resolve_masks_source(args.masks_from)
     cores, plan, other_weights = _load_checked(dpi_dir, model, tasks, args.allow_mask_mismatch)
@@ -321,6 +321,12 @@ def load_run_masks(args: DPIConfig, model, tasks: list[str]):
             f"overlap='corrected' needs the split-half reliability of the cores, and masks_from={args.masks_from!r} "
             "has none (probed with probe_reliability='none'); set overlap='raw' or re-probe."
         )
+    affinity = plan.affinity if plan is not None else None
+    if args.staging == "dpi" and args.overlap == "affinity" and affinity is None:
+        raise DPIConfigError(
+            f"overlap='affinity' needs the tasks' gradient dot products, and masks_from={args.masks_from!r} has none "
+            "(probed without probe_affinity); re-probe with probe_affinity=True or set overlap='corrected'."
+        )
     digest = hashlib.sha256((dpi_dir / CORES_FILE).read_bytes()).hexdigest()
     return cores, {"path": str(args.masks_from), "digest": digest, "settings": settings, "mismatches": mismatches,
-                   "other_weights": other_weights, "reliability": reliability}
+                   "other_weights": other_weights, "reliability": reliability, "affinity": affinity}

@@ -58,7 +58,7 @@ from .multitask import (  # noqa: F401  (split_tasks and allocate_steps are re-e
     safe_name,
     split_tasks,
 )
-from .phases import PROBE, STAGE, PhaseRecord, batch_rows
+from .phases import PROBE, STAGE, PhaseRecord, batch_rows, batch_tokens
 from .probing import ProbingMixin, _split_half_error
 from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-exported)
     IDENTITY_FILE,
@@ -128,6 +128,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         self.plan: StagePlan | None = None
         self.phase_records: list[PhaseRecord] = []
         self._phase_examples = 0
+        self._phase_tokens = 0
         self.protected, self.protection = None, None  # the frozen union of protect_cores_from, and its record
         if args.protects:  # before the Trainer creates output_dir or anything else
             check_protection_source(args)  # no model needed: the artifact, its cores, the protected task names
@@ -238,6 +239,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
     def training_step(self, model, inputs, *args, **kwargs):
         # count the examples each phase steps on, where the batch is known (reported in the phase records)
         self._phase_examples += batch_rows(inputs)
+        self._phase_tokens += batch_tokens(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -384,6 +386,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         for cb in callbacks:
             self.add_callback(cb)
         self._phase_examples = 0
+        self._phase_tokens = 0
         try:
             return SFTTrainer.train(self, resume_from_checkpoint=checkpoint)
         finally:
@@ -398,10 +401,10 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             **self._settings(),
             "run_identity": identity,
             "probe_cost": {"phases": len(probes), "steps": sum(r.steps for r in probes),
-                           "examples": sum(r.examples for r in probes)},
+                           "examples": sum(r.examples for r in probes), "tokens": sum(r.tokens for r in probes)},
         }
         if self._mask_source is not None:
-            record["masks_source"] = {k: v for k, v in self._mask_source.items() if k != "reliability"}
+            record["masks_source"] = {k: v for k, v in self._mask_source.items() if k not in ("reliability", "affinity")}
         if self.protection is not None:
             record["protected"] = self.protection
         return record
@@ -483,6 +486,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             total_steps += out.global_step
             record = PhaseRecord(kind=STAGE, name=f"stage {k + 1}", tasks=list(stage), steps=out.global_step,
                                  examples=self._phase_examples * a.world_size, seconds=time.perf_counter() - t0,
+                                 tokens=self._phase_tokens * a.world_size,
                                  train_loss=out.training_loss, frozen=n_frozen, resumed_from=checkpoint)
             if self.eval_dataset is not None:
                 metrics = self.evaluate()
