@@ -3,22 +3,20 @@
     python benchmarks/probe_calibration.py --batches 4 --out runs/probe-calibration
 
 For each reasoning-gym task (six by default, of different kinds and answer formats), one probe pass with no optimizer
-step (``probe_updates_weights=False``) at SmolLM2-135M-Instruct's weights θ0 reads 8·n batches; batch s goes into
-Σg² accumulator s mod 8 (batches alternate, as a split-half probe alternates them into its two halves). From the eight
+step (``probe_updates_weights=False``) at SmolLM2-135M-Instruct's weights θ0 reads 4·n batches; batch s goes into
+Σg² accumulator s mod 4 (batches alternate, as a split-half probe alternates them into its two halves). From the four
 parts of n batches each:
 
 1. **Spearman–Brown check.** The reliability of a core of n batches, r_n (the Jaccard of two cores of n batches each,
-   averaged over the pairs (0,1), (2,3), (4,5), (6,7)), is compared with the measured reliability of cores of 2n
-   batches (two pooled cores, parts 0+1 against 2+3 and 4+5 against 6+7) and of 4n batches (parts 0–3 against 4–7),
-   and with two predictions from r_n: Spearman–Brown on the Jaccard itself, 2J/(1+J), and Spearman–Brown on the
-   phi correlation of the two cores' membership indicators (what :func:`dpi_hf.core.reliability.pooled_reliability`
-   uses).
+   averaged over the pairs (0,1) and (2,3)), is compared with the measured reliability of cores of 2n batches (the
+   pooled cores of parts 0+1 and 2+3) and with two predictions from r_n: Spearman–Brown on the Jaccard itself,
+   2J/(1+J), and Spearman–Brown on the phi correlation of the two cores' membership indicators (what
+   :func:`dpi_hf.core.reliability.pooled_reliability` uses).
 2. **τ on the corrected scale.** Each task's parts (0,1) and (2,3) are two independent split-half measurements
    of the same task (halves of n batches): their reliability-corrected overlap is the value a task scores against
    itself. The same statistic between different tasks (halves (0,1) of each) is the corrected cross-task overlap.
-   Printed at n and at 2n (halves pooled from two parts).
-3. **Affinity.** Each task's signed gradient sum over its 8·n batches and its mean loss at θ0 give the first-order
-   TAG affinity of every pair (η = ``--learning_rate``), and the two halves of one task (parts 0–3 against 4–7, as
+3. **Affinity.** Each task's signed gradient sum over its 4·n batches and its mean loss at θ0 give the first-order
+   TAG affinity of every pair (η = ``--learning_rate``), and the two halves of one task (parts 0+1 against 2+3, as
    two signed sums) give a task's affinity with itself, the scale a cross-task value is read against.
 
 Prints the tables and writes them (JSON and Markdown) to ``--out``.
@@ -53,11 +51,11 @@ TASKS = {
     "letter_counting": {},
     "basic_arithmetic": {},
 }
-PARTS = 8
+PARTS = 4
 
 
 class PartedProbe(TrainerCallback):
-    """Route step s's gradients into Σg² part s mod 8 and into the signed half (s mod 8) // 4; never step."""
+    """Route step s's gradients into Σg² part s mod 4 and into the signed half (s mod 4) // 2; never step."""
 
     def __init__(self, model):
         self.model = model
@@ -68,7 +66,7 @@ class PartedProbe(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kw):
         part = state.global_step % PARTS
         self.fisher.accumulate(part)
-        self.signed.accumulate(part // 4)
+        self.signed.accumulate(part // 2)
         for p in self.model.parameters():
             p.grad = None
 
@@ -84,7 +82,7 @@ def jaccard_pairs(cores, pairs):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", type=int, default=4, help="n: batches per part (8 parts per task)")
+    ap.add_argument("--batches", type=int, default=4, help="n: batches per part (4 parts per task)")
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--core_fraction", type=float, default=0.01)
     ap.add_argument("--learning_rate", type=float, default=5e-5, help="η of the affinity lookahead")
@@ -124,7 +122,7 @@ def main() -> None:
         def pooled(parts):
             return {name: sum(f.importance(k)[name] for k in parts) for name in f.importance(0)}
 
-        for parts in ((0, 1), (2, 3), (4, 5), (6, 7), (0, 1, 2, 3), (4, 5, 6, 7)):
+        for parts in ((0, 1), (2, 3)):
             c[parts] = select_core(pooled(parts), p)
         cores[task] = c
         # the signed sum of each half (gradsum's parts are signed; importance() would be their magnitude)
@@ -143,16 +141,13 @@ def main() -> None:
     sb_rows = []
     for t in tasks:
         c = cores[t]
-        r_n = jaccard_pairs(c, [(0, 1), (2, 3), (4, 5), (6, 7)])
-        r_2n = jaccard_pairs(c, [((0, 1), (2, 3)), ((4, 5), (6, 7))])
-        r_4n = c[(0, 1, 2, 3)].jaccard(c[(4, 5, 6, 7)])
-        sb_rows.append({"task": t, "r_n": r_n, "r_2n": r_2n, "r_4n": r_4n,
-                        "sb_jaccard_2n": sb_jaccard(r_n), "sb_phi_2n": pooled_reliability(r_n, p),
-                        "sb_phi_4n_from_2n": pooled_reliability(r_2n, p),
-                        "sb_phi_4n_from_n": pooled_reliability(r_n, p, factor=4)})
+        r_n = jaccard_pairs(c, [(0, 1), (2, 3)])
+        r_2n = c[(0, 1)].jaccard(c[(2, 3)])
+        sb_rows.append({"task": t, "r_n": r_n, "r_2n": r_2n, "sb_jaccard_2n": sb_jaccard(r_n),
+                        "sb_phi_2n": pooled_reliability(r_n, p)})
     # 2. τ: same task (two independent split-half measurements) vs different tasks
     tau_rows = []
-    for label, h1, h2, h3, h4 in (("n", 0, 1, 2, 3), ("2n", (0, 1), (2, 3), (4, 5), (6, 7))):
+    for label, h1, h2, h3, h4 in (("n", 0, 1, 2, 3),):
         same = {}
         for t in tasks:
             rep = reliability_report({"a": (cores[t][h1], cores[t][h2]), "b": (cores[t][h3], cores[t][h4])}, p)
@@ -168,9 +163,9 @@ def main() -> None:
     dots = [[gradient_dot(total[a], total[b]) for b in tasks] for a in tasks]
     aff = affinity_report(dots, tasks, steps, losses, ns.learning_rate)
     self_aff = {}
-    for t in tasks:  # halves of 4n batches each: the lookahead of one half on the other, symmetrised
+    for t in tasks:  # halves of 2n batches each: the lookahead of one half on the other, symmetrised
         half = affinity_report([[gradient_dot(sums[t][a], sums[t][b]) for b in (0, 1)] for a in (0, 1)],
-                               ["h1", "h2"], {"h1": 4 * n, "h2": 4 * n}, {"h1": losses[t], "h2": losses[t]},
+                               ["h1", "h2"], {"h1": 2 * n, "h2": 2 * n}, {"h1": losses[t], "h2": losses[t]},
                                ns.learning_rate)
         self_aff[t] = half.symmetric[0][1]
     norms = {t: dots[i][i] ** 0.5 for i, t in enumerate(tasks)}
@@ -184,14 +179,12 @@ def main() -> None:
               "seconds": time.perf_counter() - t_start}
     (out / "calibration.json").write_text(json.dumps(result, indent=2))
     md = [f"SmolLM2-135M-Instruct, no-step Σg² probes, batch {ns.batch_size}, p = {p} (random level {level:.4f}); "
-          f"n = {n} batches per part, 8 parts per task.", "",
-          "**Spearman–Brown** (r at n, 2n, 4n batches measured; predictions of the 2n and 4n values from r_n):", "",
-          "| task | r_n | r_2n | SB on J | SB on phi | r_4n | SB phi from r_2n | SB phi ×4 from r_n |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"n = {n} batches per part, 4 parts per task.", "",
+          "**Spearman–Brown** (r at n and 2n batches measured; predictions of the 2n value from r_n):", "",
+          "| task | r_n | r_2n measured | SB on J | SB on phi |", "|---|---|---|---|---|"]
     for r in sb_rows:
         md.append(f"| {r['task']} | {r['r_n']:.3f} | {r['r_2n']:.3f} | {r['sb_jaccard_2n']:.3f} | "
-                  f"{r['sb_phi_2n']:.3f} | {r['r_4n']:.3f} | {r['sb_phi_4n_from_2n']:.3f} | "
-                  f"{r['sb_phi_4n_from_n']:.3f} |")
+                  f"{r['sb_phi_2n']:.3f} |")
     for row in tau_rows:
         same, cross = row["same_task"], row["cross_task"]
         md += ["", f"**Corrected overlap, halves of {row['halves']} batches**: same task (two independent split-half "

@@ -250,3 +250,17 @@ def test_quickstart_tasks_score_their_gold_answers_with_the_verifiers():
         gold = reasoning_gym_score([f"Answer: {r}" for r in rows["reference"]], rows)
         assert gold["reasoning_gym"] == 1.0, task.name
         assert reasoning_gym_score(["Answer: 123456789"] * len(rows), rows)["reasoning_gym"] < 0.5, task.name
+
+
+@pytest.mark.parametrize("name, share", [("quickstart.yaml", 0.5), ("compare-smollm2-cpu.yaml", 1.0)])
+def test_cpu_recipes_probe_at_most_a_share_of_their_training_examples(name, share):
+    """One-pass no-step Σg² probes: the quickstart's cost at most half its training examples, the comparison's at most
+    its training examples (each method's budget)."""
+    raw = read_recipe(ROOT / "recipes" / name)
+    for section in ("compare", "sweep"):
+        raw.pop(section, None)
+    a = Recipe.from_dict(raw).args
+    tasks = len(raw["tasks"])
+    probe_examples = tasks * a.probe_steps * (a.probe_batch_size or a.per_device_train_batch_size)
+    assert probe_examples <= share * a.max_steps * a.per_device_train_batch_size
+    assert a.probe_updates_weights is False and a.probe_reliability == "split_half" and a.core_signal == "fisher"

@@ -93,8 +93,10 @@ def test_three_tasks_end_to_end(tmp_path, tokenizer, tasks):
     bs = args.per_device_train_batch_size
     for r in trainer.phase_records:
         assert r.examples == r.steps * bs and r.tasks, r
-    # split-half probes (the default): two per task, one per half of its rows
-    assert [(r.kind, r.half) for r in trainer.phase_records] == [("probe", 1), ("probe", 2)] * 3 + [("stage", None)] * 3
+    # split-half probes (the default) with Σg²: one pass per task, its steps alternating between the two halves
+    assert [(r.kind, r.half) for r in trainer.phase_records] == [("probe", None)] * 3 + [("stage", None)] * 3
+    assert all("two alternating halves" in r.name for r in trainer.phase_records if r.kind == "probe")
+    assert all(r.tokens > r.examples for r in trainer.phase_records)  # tokens through forward and backward
 
 
 def test_probes_reproducible_and_masks_from_skips_probes(tmp_path, tokenizer, tasks):
