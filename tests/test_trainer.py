@@ -263,8 +263,10 @@ def test_callbacks_in_a_plain_trainer(tmp_path, tokenizer, tasks):
 def test_diverged_probe_names_the_task(tmp_path, tokenizer, tasks):
     from dpi_hf import ProbeDivergedError
 
+    # a probe fine-tune (no-step probes never apply the learning rate)
     trainer = DPITrainer(tiny_llama(tokenizer), args=dpi_args(tmp_path, probe_learning_rate=1e38, max_grad_norm=0,
-                                                              max_steps=3), train_dataset=tasks,
+                                                              max_steps=3, probe_updates_weights=True),
+                         train_dataset=tasks,
                          processing_class=tokenizer)
     with pytest.raises(ProbeDivergedError, match="probe of task 'add' diverged"):
         trainer.train()
