@@ -229,3 +229,16 @@ def test_alternating_halves_sampler_keeps_the_halves_apart():
         assert set(order[1::4] + order[0::4]) == set(range(5))  # every row of half 1 is read
         assert set(i for b in blocks[1::2] for i in b) == set(range(5, 12))
     assert first != second  # each epoch draws a new order
+
+
+def test_one_stage_note_only_for_dpi_plans_of_one_stage():
+    from dpi_hf.core.planning import ONE_STAGE_NOTE, plan_from_groups
+
+    cores = _random_cores(["a", "b"])
+    one = plan_stages(cores, 0.0)
+    assert one.is_multitask and ONE_STAGE_NOTE in one.describe()
+    two = plan_stages(cores, 1.0)
+    assert not two.is_multitask and ONE_STAGE_NOTE not in two.describe()
+    baseline = plan_from_groups(cores, [["a", "b"]], stage_order="multitask")  # the baseline itself: nothing to say
+    assert not baseline.is_multitask and ONE_STAGE_NOTE not in baseline.describe()
+    assert not plan_stages({"a": cores["a"]}, 0.0).is_multitask  # one task: no mixture to speak of

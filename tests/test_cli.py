@@ -240,8 +240,11 @@ def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
     scores = json.loads((run / "dpi" / "scores.json").read_text())
     assert scores["tasks"] == ["add", "rev", "upper"] and scores["eval_rows"] == {"add": 4, "rev": 4, "upper": 4}
     # the probe cost is reported beside the scores: 3 tasks x 2 halves x 2 steps x batch 4
-    assert scores["cost"]["probe"]["examples"] == 48 and scores["cost"]["stage"]["steps"] == 4
-    assert "Training cost: probes 6 runs, 12 steps, 48 examples" in out
+    # one no-step pass of 2 steps per task, alternating between its halves; the summary says the probes' share
+    assert scores["cost"]["probe"]["examples"] == 24 and scores["cost"]["stage"]["steps"] == 4
+    assert scores["cost"]["probe"]["tokens"] > 0 and "tokens (forward and backward)" in out
+    assert "probes / training = " in out
+    assert "Training cost: probes 3 runs, 6 steps, 24 examples" in out and "of the CPU time" in out
     rows = {(r["task"], r["metric"]): r for r in scores["rows"]}
     assert set(rows) == {("add", "nll"), ("add", "rougeL_proxy"), ("rev", "nll"), ("upper", "nll")}
     for r in rows.values():
@@ -265,7 +268,8 @@ def test_probe_writes_the_plan_and_trains_nothing(capsys, tmp_path, tiny_model_d
     assert rc == 0, err
     run = tmp_path / "out"
     assert "split-half reliability r" in out and "reliability-corrected overlap" in out
-    assert "probe cost: 6 probes, 12 steps, 48 examples" in out and "--masks_from" in out
+    assert "probe cost: 3 probes, 6 steps, 24 examples" in out and "--masks_from" in out
+    assert "pooled core ≈" in out and "tokens (forward and backward)" in out
     record = json.loads((run / "dpi" / "plan.json").read_text())
     assert set(record["reliability"]) == {"add", "rev", "upper"} and record["overlap"] == "corrected"
     assert (run / "dpi" / "cores.safetensors").is_file() and (run / "dpi" / "overlap.png").is_file()
@@ -280,8 +284,15 @@ def test_probe_writes_the_plan_and_trains_nothing(capsys, tmp_path, tiny_model_d
     # a second probe into the same output_dir is refused until overwrite_output_dir says so
     rc, _, err = _run(capsys, "probe", path)
     _assert_one_line_error(rc, err, "already holds a DPI run", "overwrite_output_dir")
-    rc, _, err = _run(capsys, "probe", path, "--overwrite_output_dir", "true")
+    # a plan of one stage says, before any stage is trained, that DPI is the multitask mixture here
+    rc, out, err = _run(capsys, "probe", path, "--overwrite_output_dir", "true", "--jaccard_threshold", "0")
     assert rc == 0, err
+    assert "[dpi-hf] one stage: DPI is multitask here" in out
+    rc, out, _ = _run(capsys, "plan", run, "--jaccard-threshold", "1.0")
+    assert rc == 0 and "one stage: DPI is multitask here" not in out
+    # the probes recorded no gradient products: an affinity re-plan says how to get them
+    rc, _, err = _run(capsys, "plan", run, "--overlap", "affinity")
+    _assert_one_line_error(rc, err, "probe_affinity=True")
 
 
 # --------------------------------------------------------------------------------------------------- plan

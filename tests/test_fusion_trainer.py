@@ -18,11 +18,14 @@ def _bits(t):
     return t.contiguous().view(torch.int32)
 
 
-@pytest.mark.parametrize("reliability", ["split_half", "none"])
+@pytest.mark.parametrize("reliability", ["split_half", "split_half_update", "none"])
 def test_cpi_run_starts_the_stages_from_the_fused_backbone(tmp_path, tokenizer, tasks, reliability):
+    """Split-half Σg² probes are one fine-tune per task (its steps alternate between the halves): one probe model per
+    task; split-half |θ − θ0| probes are two fine-tunes, one per half, both fused; without split halves, one."""
     model = tiny_llama(tokenizer)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    extra = {} if reliability == "split_half" else {"probe_reliability": "none"}
+    extra = {"split_half": {}, "split_half_update": {"core_signal": "update"},
+             "none": {"probe_reliability": "none"}}[reliability]
     args = dpi_args(tmp_path, fusion="cpi", fusion_stage_fraction=0.5, jaccard_threshold=1.0, overlap="raw",
                     save_stage_models=True, max_steps=6, **extra)
     trainer = DPITrainer(model, args=args, train_dataset=tasks, processing_class=tokenizer)
@@ -30,7 +33,7 @@ def test_cpi_run_starts_the_stages_from_the_fused_backbone(tmp_path, tokenizer, 
     out, runs = tmp_path / "out", tmp_path / "out" / "_dpi_runs"
     plan = trainer.plan
     assert len(plan.stages) == 3
-    halves = [1, 2] if reliability == "split_half" else [None]
+    halves = [1, 2] if reliability == "split_half_update" else [None]
     members = {t: [probe_model_path(runs, t, h) for h in halves] for t in tasks}
     assert all(p.is_file() for ps in members.values() for p in ps)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from ..core.planning import ONE_STAGE_NOTE
 from .environment import apply_runtime
 from .model import load_model_and_tokenizer
 from .recipe import Recipe
@@ -39,8 +40,11 @@ def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
     probes = [r for r in trainer.phase_records if r.kind == PROBE]
     log(f"[dpi-hf] plan:\n{plan.describe()}")
     log(f"[dpi-hf] probe cost: {len(probes)} probes, {sum(r.steps for r in probes)} steps, "
-        f"{sum(r.examples for r in probes)} examples, {sum(r.seconds for r in probes):.0f} s "
-        f"(whole command {time.perf_counter() - t0:.0f} s)")
+        f"{sum(r.examples for r in probes)} examples, {sum(r.tokens for r in probes):,} tokens (forward and "
+        f"backward), {sum(r.seconds for r in probes):.0f} s (whole command {time.perf_counter() - t0:.0f} s)")
+    if plan.is_multitask:  # said again, last, before anything is trained on this plan
+        log(f"[dpi-hf] {ONE_STAGE_NOTE}: training this plan costs the probes on top of what staging=multitask "
+            "trains, for the same model.")
     out = trainer.args.output_dir
     log(f"[dpi-hf] wrote {out}/dpi/cores.safetensors and {out}/dpi/plan.json"
         f"{f' and {out}/dpi/overlap.png' if len(train) > 1 else ''}; train the stages with these cores: dpi-hf train "

@@ -261,13 +261,14 @@ def _cost(records) -> dict:
     for kind in ("probe", "stage"):
         rs = [r for r in records if r.kind == kind]
         out[kind] = {"phases": len(rs), "steps": sum(r.steps for r in rs), "examples": sum(r.examples for r in rs),
-                     "tokens": sum(getattr(r, "tokens", 0) for r in rs), "seconds": round(sum(r.seconds for r in rs), 1)}
+                     "tokens": sum(getattr(r, "tokens", 0) for r in rs), "seconds": round(sum(r.seconds for r in rs), 1),
+                     "cpu_seconds": round(sum(getattr(r, "cpu_seconds", 0.0) for r in rs), 1)}
     return out
 
 
 def cost_line(cost: dict) -> str:
     """One line: what the probes cost (runs, steps, examples, forward+backward tokens, seconds) and what share of the
-    stages' training that is, by tokens and by time."""
+    stages' training that is, by tokens, wall time and CPU time (the one other jobs on the machine barely move)."""
     p, t = cost["probe"], cost.get("stage") or {}
 
     def share(key):
@@ -278,7 +279,7 @@ def cost_line(cost: dict) -> str:
     if t.get("phases"):
         line += (f"; stages {t['phases']}, {t['steps']} steps, {t['examples']} examples, {t.get('tokens', 0):,} "
                  f"tokens, {t['seconds']:.0f} s; probes / training = {share('tokens')} of the tokens, "
-                 f"{share('seconds')} of the time")
+                 f"{share('seconds')} of the wall time, {share('cpu_seconds')} of the CPU time")
     return line + "."
 
 

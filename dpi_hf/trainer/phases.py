@@ -32,6 +32,8 @@ class PhaseRecord:
             tokens of every micro-batch, prompt included; a probe that takes no optimizer step still pays both
             passes).
         seconds: wall-clock time of the phase.
+        cpu_seconds: CPU time of the process (every thread) during the phase: unlike ``seconds``, barely moved by
+            other jobs sharing the machine.
         train_loss: mean training loss (None when unknown).
         frozen: number of parameter elements kept frozen during the phase (0 for probes).
         half: for split-half probes, which half of the task's rows (1 or 2); None otherwise.
@@ -47,6 +49,7 @@ class PhaseRecord:
     examples: int = 0
     seconds: float = 0.0
     tokens: int = 0
+    cpu_seconds: float = 0.0
     train_loss: float | None = None
     frozen: int = 0
     half: int | None = None

@@ -81,7 +81,7 @@ class ProbingMixin:
                                update_weights=a.probe_updates_weights, split_half=one_pass,
                                keep_gradient_sum=a.probe_affinity)
         name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             out = self._run_phase(self._phase_args(name, True, steps, epochs), part, callbacks=[cb])
         except ProbeDivergedError as e:
@@ -94,7 +94,8 @@ class ProbingMixin:
             kind=PROBE, name=f"probe {label}" + (" (two alternating halves)" if one_pass else ""), tasks=[task],
             steps=out.global_step, examples=self._phase_examples * self.args.world_size,
             tokens=self._phase_tokens * self.args.world_size,
-            seconds=time.perf_counter() - t0, train_loss=out.training_loss, half=half))
+            seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0, train_loss=out.training_loss,
+            half=half))
         return cb
 
     def _probe_all(self, theta0, resume: bool):
@@ -167,6 +168,7 @@ class ProbingMixin:
     def _record_gradient(self, task: str, probe: CoreProbeCallback, earlier: list[str], last: bool) -> dict:
         """The dot products of ``task``'s signed gradient sum with itself and every earlier task's (read from their
         files one tensor at a time), its step count and probe loss; its own sum is written for the later tasks."""
+        t0, c0 = time.perf_counter(), time.process_time()
         total = probe.gradient_sum
         probe.gradient_sum = None
         record = {"dots": {t: gradient_dot_file(total, self._gradient_path(t)) for t in earlier},
@@ -176,6 +178,9 @@ class ProbingMixin:
             atomic_save_file({n: v.detach().contiguous().cpu() for n, v in total.items()}, self._gradient_path(task))
         del total
         self.accelerator.wait_for_everyone()
+        last_record = self.phase_records[-1]  # the probe's cost includes its dot products and file
+        last_record.seconds += time.perf_counter() - t0
+        last_record.cpu_seconds += time.process_time() - c0
         return record
 
     def _affinity_of(self, gradients: dict) -> AffinityReport:

@@ -477,7 +477,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             data = concatenate_datasets([self._task_train[t] for t in stage]) if len(stage) > 1 else \
                 self._task_train[stage[0]]
             callbacks = [FreezeMaskCallback(frozen)] if n_frozen else []
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             checkpoint = self._checkpoint_for(k, explicit, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
                                   callbacks=callbacks, checkpoint=checkpoint)
@@ -486,7 +486,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             total_steps += out.global_step
             record = PhaseRecord(kind=STAGE, name=f"stage {k + 1}", tasks=list(stage), steps=out.global_step,
                                  examples=self._phase_examples * a.world_size, seconds=time.perf_counter() - t0,
-                                 tokens=self._phase_tokens * a.world_size,
+                                 tokens=self._phase_tokens * a.world_size, cpu_seconds=time.process_time() - c0,
                                  train_loss=out.training_loss, frozen=n_frozen, resumed_from=checkpoint)
             if self.eval_dataset is not None:
                 metrics = self.evaluate()
