@@ -242,3 +242,28 @@ def test_one_stage_note_only_for_dpi_plans_of_one_stage():
     baseline = plan_from_groups(cores, [["a", "b"]], stage_order="multitask")  # the baseline itself: nothing to say
     assert not baseline.is_multitask and ONE_STAGE_NOTE not in baseline.describe()
     assert not plan_stages({"a": cores["a"]}, 0.0).is_multitask  # one task: no mixture to speak of
+
+
+def test_config_defaults_resolve_by_scale_and_signal(tmp_path):
+    """τ's default follows the overlap's scale (0.7 corrected, measured; 0.1 raw, the paper's); no-step Σg² probes
+    unless the signal or the fusion needs steps; probe_affinity when the overlap is affinity. Resolved values are not
+    "set" DPI fields: a one-dataset run stays plain SFT."""
+    from conftest import dpi_args
+    from dpi_hf.trainer.run_state import dpi_fields_changed
+
+    a = dpi_args(tmp_path, jaccard_threshold=None)
+    assert a.jaccard_threshold == 0.7 and a.probe_updates_weights is False and a.probe_affinity is False
+    assert dpi_args(tmp_path, jaccard_threshold=None, overlap="raw").jaccard_threshold == 0.1
+    assert dpi_args(tmp_path, core_signal="update", overlap="raw").probe_updates_weights is True
+    assert dpi_args(tmp_path, fusion="cpi").probe_updates_weights is True
+    assert dpi_args(tmp_path, overlap="affinity").probe_affinity is True
+    from dpi_hf import DPIConfig
+
+    plain = DPIConfig(str(tmp_path / "plain"), use_cpu=True, bf16=False, report_to=[])
+    assert dpi_fields_changed(plain) == []
+    with pytest.raises(DPIConfigError, match="probe_affinity"):
+        dpi_args(tmp_path, overlap="affinity", probe_affinity=False)
+    with pytest.raises(DPIConfigError, match="probe_affinity"):
+        dpi_args(tmp_path, core_signal="update", probe_affinity=True, overlap="raw")
+    with pytest.raises(DPIConfigError, match="affinity_threshold"):
+        dpi_args(tmp_path, affinity_threshold="high")

@@ -22,7 +22,8 @@ def add_parser(subparsers, parents=()):
     )
     plan.add_argument("output_dir", metavar="OUTPUT_DIR", help="a DPI run's output_dir (or its dpi/ folder)")
     plan.add_argument("--jaccard-threshold", type=float, default=None, metavar="TAU",
-                      help="τ in [0, 1]: tasks with core overlap J >= τ share a stage (default: the run's τ)")
+                      help="τ in [0, 1]: tasks with core overlap J >= τ share a stage (default: the run's τ; on "
+                           "another overlap, that overlap's default: 0.7 corrected, 0.1 raw)")
     plan.add_argument("--order", choices=STAGE_ORDERS, default=None,
                       help="stage order (default: the run's); largest_first ranks groups by core size here, as "
                            "the training-set sizes are not stored with the cores")
@@ -47,13 +48,16 @@ def run(args, _extra) -> int:
     from ..core import plan_stages
 
     cores, saved = load_run_cores(args.output_dir)
-    tau = args.jaccard_threshold if args.jaccard_threshold is not None else (saved.jaccard_threshold if saved else 0.1)
+
     # a baseline run's plan records its staging (e.g. "multitask") as its order: re-plan those in given order
     order = args.order or (saved.stage_order if saved and saved.stage_order in STAGE_ORDERS else "given")
     tasks = saved.tasks if saved and all(t in cores for t in saved.tasks) else list(cores)
     sizes = {t: cores[t].count() for t in tasks}
     reliability = saved.reliability if saved is not None else None
     overlap = args.overlap or (saved.overlap if saved is not None and reliability is not None else "raw")
+    # the run's τ on the run's overlap; another overlap's scale gets that scale's default
+    tau = args.jaccard_threshold if args.jaccard_threshold is not None else (
+        saved.jaccard_threshold if saved is not None and saved.overlap == overlap else None)
     seed = args.seed if args.seed is not None else _run_seed(args.output_dir)
     affinity = saved.affinity if saved is not None else None
     threshold = args.affinity_threshold if args.affinity_threshold is not None else (

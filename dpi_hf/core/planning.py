@@ -29,6 +29,18 @@ STAGE_ORDERS = ("given", "largest_first", "random")
 # what a DPI plan of one stage means, said before any stage is paid for
 ONE_STAGE_NOTE = "one stage: DPI is multitask here"
 OVERLAPS = ("raw", "corrected", "affinity")
+# τ by overlap scale. Raw: the paper's main setting (made for the raw Jaccard of |θ − θ0| cores). Corrected: measured
+# (benchmarks/probe_calibration.py, docs/results.md): a task's two independent split-half measurements overlap at
+# 0.97–1.00 after correction, six different reasoning-gym tasks at 0.30–0.43; 0.7 is the midpoint, so tasks share a
+# stage when the probes cannot tell their cores apart. (Affinity groups on affinity_threshold; τ is unused there.)
+DEFAULT_JACCARD_THRESHOLDS = {"raw": 0.1, "corrected": 0.7, "affinity": 0.7}
+
+
+def default_jaccard_threshold(overlap: str) -> float:
+    """The default τ for ``overlap`` (:data:`DEFAULT_JACCARD_THRESHOLDS`)."""
+    if overlap not in DEFAULT_JACCARD_THRESHOLDS:
+        raise DPIConfigError(f"overlap={overlap!r} is not one of {OVERLAPS}.")
+    return DEFAULT_JACCARD_THRESHOLDS[overlap]
 
 
 def validate_jaccard_threshold(value) -> float:
@@ -321,7 +333,7 @@ def _fill_counts(plan: StagePlan, cores: Mapping[str, CoreMask]) -> None:
 
 def plan_stages(
     cores: Mapping[str, CoreMask],
-    jaccard_threshold: float = 0.1,
+    jaccard_threshold: float | None = None,
     order: str = "given",
     seed: int = 0,
     tasks: Sequence[str] | None = None,
@@ -335,8 +347,9 @@ def plan_stages(
 
     Args:
         cores: task name → its core region; iteration order is the "given" order.
-        jaccard_threshold: τ in [0, 1] (default 0.1, the paper's main setting); tasks i, j share a group when
-            J(Ci, Cj) ≥ τ (through connected components). τ = 0 puts every task in one group.
+        jaccard_threshold: τ in [0, 1]; tasks i, j share a group when their overlap ≥ τ (through connected
+            components). τ = 0 puts every task in one group. Default None: by ``overlap``, 0.1 on the raw Jaccard
+            (the paper's main setting) and 0.7 on the corrected overlap (measured; :data:`DEFAULT_JACCARD_THRESHOLDS`).
         order: stage order: ``"given"`` (default), ``"largest_first"`` or ``"random"`` (see :func:`order_groups`).
         seed: seed for ``order="random"`` (default 0).
         tasks: restrict/reorder to these task names (default: all of ``cores``); unknown names are an error.

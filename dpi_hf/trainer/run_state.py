@@ -38,7 +38,7 @@ _BUDGET_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "lr_schedule
 
 
 # fields whose default None is resolved from the others when the config is built (never "set" by themselves)
-_RESOLVED_FIELDS = ("probe_updates_weights", "probe_affinity")
+_RESOLVED_FIELDS = ("probe_updates_weights", "probe_affinity", "jaccard_threshold")
 
 
 def dpi_fields_changed(args: DPIConfig) -> list[str]:
