@@ -247,6 +247,8 @@ def test_config_defaults_are_the_reliable_ones():
     a = DPIConfig("x", use_cpu=True, bf16=False, report_to=[])
     assert (a.core_signal, a.probe_reliability, a.overlap, a.probe_weight_decay) == \
         ("fisher", "split_half", "corrected", 0.0)
+    # measured: no-step Σg² probes, τ = 0.7 on the corrected scale
+    assert a.probe_updates_weights is False and a.jaccard_threshold == 0.7
 
 
 def test_pure_bf16_updates_warn_about_zeros(caplog):

@@ -1,7 +1,7 @@
 """A DPI run on the tiny test model, driven from tests in a subprocess (kill/resume and torchrun DDP tests).
 
 usage: run_dpi.py OUT_DIR [--kill-at PHASE:STEP | --kill-point NAME] [--resume [PATH]] [--report FILE]
-  --kill-at probe-rev-half2:2   SIGKILL this process when phase `probe-rev-half2` reaches optimizer step 2
+  --kill-at probe-rev:2         SIGKILL this process when phase `probe-rev` reaches optimizer step 2
   --kill-point after-plan       SIGKILL it at a named point of the trainer (DPI_HF_KILL_AT)
   --resume [PATH]               resume (from the latest checkpoint, or from the checkpoint PATH)
   --fusion                      fusion="cpi" (the stages start from the fused probe models)
@@ -60,11 +60,11 @@ def main():
                      probe_steps=4, core_fraction=0.05, jaccard_threshold=1.0, logging_steps=1, save_strategy="steps",
                      save_steps=1, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
                      max_length=64, seed=0, disable_tqdm=True, save_stage_models=True, weight_decay=0.1,
-                     overlap="raw")  # τ = 1 on the raw Jaccard: one stage per task, whatever the cores
+                     overlap="raw",  # τ = 1 on the raw Jaccard: one stage per task, whatever the cores
+                     # in the constructor: it decides the probes' default (cpi fuses probe fine-tunes)
+                     fusion="cpi" if ns.fusion else "none")
     if ns.no_checkpoints:
         args.save_strategy = "no"
-    if ns.fusion:
-        args.fusion = "cpi"
     callbacks = [ReportStart()]
     if ns.kill_at:
         phase, step = ns.kill_at.split(":")
