@@ -202,7 +202,7 @@ def main() -> None:
                                            for j in range(len(tasks))) + " |")
     md += ["", "gradient cosine: " + "; ".join(f"{tasks[i]}~{tasks[j]} {cosine[i][j]:.3f}" for i in range(len(tasks))
                                                for j in range(i + 1, len(tasks))),
-           "", f"loss at θ0: " + ", ".join(f"{t} {losses[t]:.3f}" for t in tasks),
+           "", "loss at θ0: " + ", ".join(f"{t} {losses[t]:.3f}" for t in tasks),
            f"({result['seconds']:.0f} s)"]
     text = "\n".join(md)
     (out / "calibration.md").write_text(text + "\n")
