@@ -136,6 +136,7 @@ def test_plan_on_affinity_groups_agreeing_tasks_and_splits_conflicting_ones():
     again = StagePlan.from_json(plan.to_json())
     assert again.overlap == "affinity" and sum(again.affinity.symmetric, []) == pytest.approx(sum(rep.symmetric, []))
     # the affinity report travels with any plan, so a corrected-overlap run can be re-planned on affinity
+    assert plan_stages(cores, overlap="raw").jaccard_threshold == 0.1  # τ's default follows the overlap's scale
     raw = plan_stages(cores, 0.0, overlap="raw", affinity=rep)
     assert raw.groups == [tasks] and StagePlan.from_json(raw.to_json()).affinity is not None
     with pytest.raises(DPIConfigError, match="probe_affinity"):
@@ -267,3 +268,6 @@ def test_config_defaults_resolve_by_scale_and_signal(tmp_path):
         dpi_args(tmp_path, core_signal="update", probe_affinity=True, overlap="raw")
     with pytest.raises(DPIConfigError, match="affinity_threshold"):
         dpi_args(tmp_path, affinity_threshold="high")
+    with pytest.raises(DPIConfigError, match="second half without a step"):
+        dpi_args(tmp_path, probe_steps=1)
+    assert dpi_args(tmp_path, probe_steps=1, probe_reliability="none", overlap="raw").probe_steps == 1

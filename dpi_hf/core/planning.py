@@ -367,7 +367,10 @@ def plan_stages(
     Returns:
         A :class:`StagePlan` with the cores attached.
     """
-    tau = validate_jaccard_threshold(jaccard_threshold)
+    if overlap not in OVERLAPS:
+        raise DPIConfigError(f"overlap={overlap!r} is not one of {OVERLAPS}.")
+    tau = validate_jaccard_threshold(default_jaccard_threshold(overlap) if jaccard_threshold is None
+                                     else jaccard_threshold)
     if order not in STAGE_ORDERS:
         raise DPIConfigError(f"order={order!r} is not one of {STAGE_ORDERS}; pick one of them (default 'given').")
     tasks = list(tasks) if tasks is not None else list(cores)
@@ -378,8 +381,6 @@ def plan_stages(
         reliability = reorder_report(reliability, tasks)  # the matrices' rows follow the plan's task order
     if affinity is not None:
         affinity = affinity.reorder(tasks)
-    if overlap not in OVERLAPS:
-        raise DPIConfigError(f"overlap={overlap!r} is not one of {OVERLAPS}.")
     grouping = jac
     if overlap == "corrected":
         if reliability is None:

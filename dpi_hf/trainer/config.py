@@ -288,6 +288,13 @@ class DPIConfig(SFTConfig):
         if self.stage_groups is not None and self.staging != "given":
             raise DPIConfigError(f"stage_groups is only used with staging='given' (staging is {self.staging!r}).")
         validate_signal(self.core_signal)
+        if self.probes_split_half and get_signal(self.core_signal).reads_gradients and self.probe_epochs is None \
+                and isinstance(self.probe_steps, int) and self.probe_steps < 2:
+            raise DPIConfigError(
+                f"probe_steps={self.probe_steps} leaves the second half without a step: a split-half probe alternates "
+                "its steps between the two halves of a task's rows; set probe_steps >= 2 (or probe_reliability="
+                "'none' and overlap='raw')."
+            )
         if self.probe_reliability not in RELIABILITY_MODES:
             raise DPIConfigError(f"probe_reliability={self.probe_reliability!r} is not one of {RELIABILITY_MODES}.")
         if self.overlap not in OVERLAPS:
