@@ -48,6 +48,8 @@ _COLUMN_SOURCES = ("hub", "prompt_completion", "messages")
 ANSWER_INSTRUCTION = 'End your response with the final answer on its own line, in the form "Answer: <answer>".'
 
 _LOGIQA_LETTERS = "ABCD"
+# A number written with thousands separators ("1,080", "-109,200,000.5"); the separators are formatting.
+_GROUPED_NUMBER = re.compile(r"[-\u2212]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BLOCK_LINES = 8  # LogiQA: blank, letter, context, question, 4 options
 
 
@@ -292,8 +294,7 @@ def _gsm8k_row(spec: TaskSpec, record: dict, index: int) -> dict:
     final = extract_final_answer(answer)
     if final is None:
         raise _record_error(spec, index, "has no '#### <number>' final answer")
-    # thousands separators ("1,080") are formatting, not part of the number
-    return _row(spec, question, answer, final.replace(",", ""), {"source": spec.source})
+    return _row(spec, question, answer, _plain_number(final), {"source": spec.source})
 
 
 def _alpaca_row(spec: TaskSpec, record: dict, index: int) -> dict:
@@ -381,7 +382,10 @@ def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Calla
         if not completion or (isinstance(completion, list) and not completion[-1].get("content")):
             raise _record_error(spec, index, "has an empty completion")
         text = completion if isinstance(completion, str) else completion[-1]["content"]
-        reference = record[columns["reference"]] if "reference" in columns else extract_final_answer(text) or text
+        # the final answer found in the completion, as the file sources give it: openai/gsm8k from the Hub and
+        # gsm8k/train.jsonl give the same reference
+        found = extract_final_answer(text)
+        reference = record[columns["reference"]] if "reference" in columns else _plain_number(found) if found else text
         return _row(spec, prompt, completion, reference, {"source": spec.source})
 
     return convert
@@ -458,6 +462,11 @@ def _split_indices(n: int, spec: TaskSpec) -> tuple[list[int], list[int]]:
     if spec.max_samples is not None:
         train = train[:spec.max_samples]
     return sorted(train.tolist()), sorted(held_out.tolist())
+
+
+def _plain_number(answer: str) -> str:
+    """``answer`` without thousands separators when it is a number written with them ("1,080" → "1080")."""
+    return answer.replace(",", "") if _GROUPED_NUMBER.fullmatch(answer) else answer
 
 
 def _drop_hash_line(text: str) -> str:

