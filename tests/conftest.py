@@ -13,6 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # the workers share the cores: torch's threads must not oversubscribe
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -27,6 +29,66 @@ FIXTURE_DATA = ROOT / "tests" / "fixtures" / "data"
 DEFAULT_REAL_DATA = ROOT.parent / "shared" / "data"
 # Set to 1 (CI does) to make a missing real-data folder a failure instead of a skip.
 REQUIRE_DATA_VAR = "DPI_HF_REQUIRE_DATA"
+
+
+def pytest_addoption(parser, pluginmanager):
+    """setup.cfg runs the suite on 2 xdist workers (``-n 2 --dist loadgroup``). Without pytest-xdist
+    (``-p no:xdist``, or not installed) those options are accepted and ignored: the suite runs in one process."""
+    if not pluginmanager.has_plugin("xdist"):
+        group = parser.getgroup("xdist stand-in", "pytest-xdist is disabled: these options are ignored")
+        # _addoption: as pytest-xdist registers -n (addoption refuses lowercase short options, reserved to pytest)
+        group._addoption("-n", "--numprocesses", dest="numprocesses", default=None, help="ignored without xdist")
+        group.addoption("--dist", dest="dist", default="no", help="ignored without xdist")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker under ``--dist loadgroup``, put each test that must not run beside its kind, or must share
+    a worker with others, in one group (a group runs on one worker, one test at a time):
+
+    - ``torchrun``: the ``distributed`` tests (each launches 2 processes on a 2-core machine);
+    - ``smollm2``: the tests on the real SmolLM2, so that the worker converts it once;
+    - ``<module>``: the tests of a module that share a module-scoped fixture of that module (a trained run, a
+      comparison), so that it is built once;
+    - an explicit ``@pytest.mark.xdist_group(name)`` wins.
+
+    pytest-xdist 3.8 reads the ``xdist_group`` marker into the node id (``<nodeid>@<group>``) through an attribute
+    that pytest >= 9 no longer uses, so the group never reaches its scheduler; the suffix is set here instead.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        marker = item.get_closest_marker("xdist_group")
+        if marker:
+            group = marker.args[0] if marker.args else marker.kwargs.get("name", "default")
+        elif item.get_closest_marker("distributed"):
+            group = "torchrun"
+        elif "smollm2_dir" in item.fixturenames:
+            group = "smollm2"
+        elif _uses_module_fixture(item):
+            group = item.module.__name__
+        else:
+            continue
+        _set_nodeid(item, f"{item.nodeid}@{group}")
+
+
+def _set_nodeid(item, nodeid: str) -> None:
+    """What pytest-xdist's loadgroup does to a grouped test's id, for pytest 8 (``_nodeid``) and 9 (``_id``)."""
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(nodeid)
+    else:
+        item._nodeid = nodeid
+
+
+def _uses_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    for name in item.fixturenames:
+        for fixturedef in (info.name2fixturedefs.get(name, ()) if info else ()):
+            if fixturedef.scope == "module" and fixturedef.func.__module__ == item.module.__name__:
+                return True
+    return False
 
 
 def real_data_dir() -> Path:

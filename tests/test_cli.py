@@ -446,9 +446,9 @@ def test_materialize_model_command(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypatch):
-    """recipes/quickstart.yaml end to end on the real SmolLM2 (reduced budget), every non-loopback connection
-    refused: it must never try the Hub, and its artifacts must reload."""
+def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypatch, smollm2_dir):
+    """recipes/quickstart.yaml end to end on the real SmolLM2 (reduced budget; the session's conversion of it),
+    every non-loopback connection refused: it must never try the Hub, and its artifacts must reload."""
     real_connect = socket.socket.connect
     attempts = []
 
@@ -463,11 +463,13 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
     for var in OFFLINE_VARS:  # the CLI must switch offline by itself
         monkeypatch.delenv(var, raising=False)
     out_dir = tmp_path / "quickstart"
-    small = []
+    small = []  # the plumbing end to end at the least cost: one row per step, two held-out rows per task
     for i in range(3):
-        small += [f"--tasks.{i}.max_samples", "8", f"--tasks.{i}.eval_samples", "4"]
+        small += [f"--tasks.{i}.max_samples", "8", f"--tasks.{i}.eval_samples", "2"]
     rc, out, err = _run(capsys, "train", ROOT / "recipes" / "quickstart.yaml", "--output_dir", out_dir,
-                        "--max_steps", "3", "--probe_steps", "1", "--eval.max_new_tokens", "8", *small)
+                        "--model.cache_dir", smollm2_dir[0], "--max_steps", "3", "--probe_steps", "1",
+                        "--per_device_train_batch_size", "1", "--probe_batch_size", "1", "--eval.max_new_tokens", "8",
+                        *small)
     assert rc == 0, err[-3000:]
     assert attempts == []
     assert "Held-out scores before and after training" in out and "reasoning_gym" in out
