@@ -162,9 +162,9 @@ def test_unreadable_data_file(capsys, tmp_path):
     _assert_one_line_error(rc, err, "task 'rev'", "gone.jsonl", "check `path`")
 
 
-@pytest.mark.parametrize("verb, recipe", [("train", "smollm2-cpu-local.yaml"), ("probe", "smollm2-cpu-local.yaml"),
-                                           ("compare", "compare-smollm2-cpu.yaml"), ("sweep", "compare-smollm2-cpu.yaml"),
-                                           ("sequential", "sequential-smollm2-cpu.yaml")])
+@pytest.mark.parametrize("verb, recipe", [
+    ("train", "smollm2-cpu-local.yaml"), ("probe", "smollm2-cpu-local.yaml"), ("compare", "compare-smollm2-cpu.yaml"),
+    ("sweep", "compare-smollm2-cpu.yaml"), ("sequential", "sequential-smollm2-cpu.yaml")])
 def test_local_data_recipe_without_its_folder_stops_before_any_model(capsys, tmp_path, monkeypatch, verb, recipe):
     """A recipe for local copies of the data, run without --data_dir or with a folder that is not there: one line
     naming --data_dir, and no model is ever loaded."""

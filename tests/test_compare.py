@@ -219,7 +219,8 @@ def test_recipe_and_cli_parsers():
     tasks = recipe.recipe.tasks
     assert [t.name for t in tasks] == ["gsm8k", "codealpaca", "logiqa", "alpaca"]
     assert tasks[0].path == f"{FIXTURE_DATA}/gsm8k/train.jsonl" and all(t.eval_samples > 0 for t in tasks)
-    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct" and recipe.methods == list(DEFAULT_METHODS)
+    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct"
+    assert recipe.methods == list(DEFAULT_METHODS)
     assert recipe.heuristic_groups == [["gsm8k", "logiqa"], ["codealpaca", "alpaca"]]
     assert recipe.training["max_steps"] > 0 and isinstance(recipe.training["learning_rate"], float)
     assert "staging" not in recipe.training and "output_dir" not in recipe.training

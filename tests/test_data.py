@@ -85,7 +85,8 @@ def test_logiqa_fixture_first_block():
 
 def test_alpaca_and_codealpaca_files(data_dir):
     alpaca_path = data_dir / "alpaca" / "alpaca_5000.json"
-    alpaca = load_task({"name": "alpaca", "source": "alpaca_json", "path": str(alpaca_path), "max_samples": 40})["train"]
+    alpaca = load_task({"name": "alpaca", "source": "alpaca_json", "path": str(alpaca_path),
+                        "max_samples": 40})["train"]
     records = json.loads(alpaca_path.read_text())
     by_output = {r["output"]: r for r in records}
     _check_rows(alpaca, "alpaca")

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import time
 import types
 from pathlib import Path

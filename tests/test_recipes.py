@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # recipes that read local copies of the datasets from ${data_dir}, and their Hub twins
 LOCAL_RECIPES = sorted(p for p in RECIPES if "${data_dir}" in p.read_text())
-HUB_TWINS = {"smollm2-cpu-local.yaml": "smollm2-cpu-hub.yaml", "compare-smollm2-cpu.yaml": "compare-smollm2-cpu-hub.yaml",
+HUB_TWINS = {"smollm2-cpu-local.yaml": "smollm2-cpu-hub.yaml",
+             "compare-smollm2-cpu.yaml": "compare-smollm2-cpu-hub.yaml",
              "sequential-smollm2-cpu.yaml": "sequential-smollm2-cpu-hub.yaml"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -280,8 +281,9 @@ def test_local_recipe_without_its_data_folder_is_one_error_naming_data_dir(path,
                                              r"folder that holds the local copies"):
         _validate_without_data(path, {})
     missing = tmp_path / "no-such-folder"
-    with pytest.raises(DPIConfigError, match=rf"reads its rows from '\$\{{data_dir\}}/gsm8k/train.jsonl', but the "
-                                             rf"folder '{re.escape(str(missing))}' does not exist; pass --data_dir DIR"):
+    with pytest.raises(DPIConfigError, match=rf"reads its rows from '\$\{{data_dir\}}/gsm8k/train.jsonl', but "
+                                             rf"the folder '{re.escape(str(missing))}' does not exist; "
+                                             r"pass --data_dir DIR"):
         _validate_without_data(path, {"data_dir": str(missing)})
 
 
