@@ -122,7 +122,7 @@ def find_dpi_dir(path) -> Path:
     """The ``dpi/`` folder of a run directory (or the folder itself)."""
     p = Path(path)
     for cand in (p / DPI_DIR, p):
-        if (cand / CORES_FILE).is_file() or (cand / PLAN_FILE).is_file():
+        if (cand / CORES_FILE).is_file() or (cand / PLAN_FILE).is_file() or (cand / IMPORTANCE_FILE).is_file():
             return cand
     raise MaskFileError(
         f"no DPI artifacts in {str(p)!r}: expected {DPI_DIR}/{CORES_FILE} and {DPI_DIR}/{PLAN_FILE} (the output_dir of a "

@@ -89,7 +89,8 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
 )
 from ..utils import check_each_task_once
 from .ewc import PENALTY_LOG_KEY, AnchorCallback, build_anchor
-from .run_state import PROTECT_FIELDS
+from .importance import collect_importance, save_probe_importance
+from .run_state import MASK_SETTINGS, PROTECT_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +441,8 @@ class DPITrainer(SFTTrainer):
             self._restore(theta0)
         # fusion keeps each task's importance at its core (to resolve elements several groups' cores claim)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
-                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1 or self._fuses,
+                               task_name=label, signal=a.core_signal,
+                               keep_importance=n_parts > 1 or self._fuses or a.save_importance,
                                update_weights=a.probe_updates_weights)
         name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
         t0 = time.perf_counter()
@@ -484,6 +486,8 @@ class DPITrainer(SFTTrainer):
                 to_save = {task: cores[task]}
                 if self._fuses and self.is_world_process_zero():
                     save_core_importance(probes[0].importance, cores[task], importance_path(self._runs_dir, task))
+                if a.save_importance and self.is_world_process_zero():
+                    save_probe_importance(self._runs_dir, task, probes[0].importance, probes[0].batches)
                 probes[0].importance = None
             else:
                 pooled = pool_importance([p.importance for p in probes], inplace=True)  # the probes' own copies
@@ -495,6 +499,8 @@ class DPITrainer(SFTTrainer):
                     logger.warning(message)
                 if self._fuses and self.is_world_process_zero():
                     save_core_importance(pooled, cores[task], importance_path(self._runs_dir, task))
+                if a.save_importance and self.is_world_process_zero():  # the mean over both halves' steps
+                    save_probe_importance(self._runs_dir, task, pooled, sum(p.batches for p in probes))
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
                 to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
@@ -622,6 +628,10 @@ class DPITrainer(SFTTrainer):
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
             save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
+            if a.save_importance:
+                collect_importance(self._runs_dir, self._base_output_dir, list(self.tasks), self._fingerprint,
+                                   signal=a.core_signal, **{k: v for k, v in self._settings().items()
+                                                            if k in MASK_SETTINGS})
         if self.protection is not None:  # beside plan.json's copy: the same file a one-dataset protected run writes
             self._write_json(self._dpi_dir / PROTECTED_FILE, self.protection)
         kill_point("after-plan")
