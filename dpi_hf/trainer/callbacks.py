@@ -56,8 +56,8 @@ class CoreProbeCallback(TrainerCallback):
         save_path: if given, the core is saved there with :func:`dpi_hf.save_cores` as soon as it is selected (by the
             main process only).
         signal: the importance that ranks elements, a name in :data:`dpi_hf.core.signals.SIGNAL_REGISTRY` (default
-            ``"fisher"``, as DPIConfig's ``core_signal``): ``"update"`` = |θ − θ0| at the end of training (the paper);
-            ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from the gradients at
+            ``"fisher"``, as DPIConfig's ``core_signal``): ``"update"`` = |θ − θ0| at the end of training (the
+            paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from the gradients at
             ``on_pre_optimizer_step`` (after accumulation and the DDP all-reduce; after clipping when
             ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
         keep_importance: keep a float32 CPU copy of the importance in :attr:`importance` after training (default
