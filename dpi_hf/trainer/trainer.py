@@ -77,11 +77,13 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
     run_identity,
 )
 from ..utils import check_each_task_once
+from .ewc import PENALTY_LOG_KEY, AnchorCallback, build_anchor
+from .run_state import PROTECT_FIELDS
 
 logger = logging.getLogger(__name__)
 
 # DPI fields that also apply to a single dataset (then DPITrainer is SFTTrainer plus the protection)
-PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks")
+PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks", *PROTECT_FIELDS)
 
 
 class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
@@ -129,8 +131,10 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         self.phase_records: list[PhaseRecord] = []
         self._phase_examples = 0
         self.protected, self.protection = None, None  # the frozen union of protect_cores_from, and its record
+        self._anchor_callback = None  # protect_method ewc / freeze_ewc / l2sp: the pull towards θ_A
         if args.protects:  # before the Trainer creates output_dir or anything else
-            check_protection_source(args)  # no model needed: the artifact, its cores, the protected task names
+            # no model needed: the artifact, its cores (and importance), the protected task names, no peft_config
+            check_protection_source(args, peft_config=kwargs.get("peft_config"))
             if not isinstance(model, str):
                 self._load_protection(args, model)
         if self.tasks is None:
@@ -139,7 +143,10 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             if args.protects:  # SFTTrainer plus the protection: the cores stay frozen through the whole train()
                 if self.protection is None:
                     self._load_protection(args, self.model)
-                self.add_callback(FreezeMaskCallback(self.protected))
+                if args.freezes_protected:
+                    self.add_callback(FreezeMaskCallback(self.protected))
+                if self._anchor_callback is not None:
+                    self.add_callback(self._anchor_callback)
             return
 
         self._validate_multitask(args)
@@ -173,6 +180,9 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         self.protected, self.protection = load_protected_cores(args, model)
         logger.info("DPI: protecting %s elements (%.3f%%), the cores of %s from %s", f"{self.protected.count():,}",
                     100 * self.protection["fraction"], self.protection["tasks"], self.protection["source"])
+        if args.anchors:  # θ_A = the weights now, before any training (the weights the cores were probed on)
+            anchor = build_anchor(args, model, self.protected, self.protection["tasks"])
+            self._anchor_callback = AnchorCallback(anchor, args.protect_ewc_form)
 
     def _load_masks(self, args: DPIConfig, model):
         cores, self._mask_source = load_run_masks(args, model, list(self.tasks))
@@ -234,6 +244,14 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
     def stage_history(self) -> list[dict]:
         """The probes and stages run so far, as dicts (see :class:`~dpi_hf.phases.PhaseRecord`)."""
         return [r.to_dict() for r in self.phase_records]
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # the protection penalty, measured once per optimizer step, logged as its mean over the logging interval
+        if self._anchor_callback is not None and "loss" in logs:
+            penalty = self._anchor_callback.pop_mean()
+            if penalty is not None:
+                logs[PENALTY_LOG_KEY] = penalty
+        super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         # count the examples each phase steps on, where the batch is known (reported in the phase records)
@@ -466,14 +484,15 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             if k in finished:
                 continue
             frozen = plan.frozen_before(k) if plan.freeze else None
-            if self.protected is not None:  # the protected cores stay frozen in every stage, on top of the plan's
+            if self.protected is not None and a.freezes_protected:  # frozen in every stage, on top of the plan's
                 frozen = self.protected if frozen is None else CoreMask.union_all([self.protected, frozen])
             n_frozen = frozen.count() if frozen is not None else 0
             logger.info("DPI: stage %d/%d %s frozen %.3f%% (%s elements)", k + 1, len(plan.stages), stage,
                         100 * n_frozen / max(plan.total_elements, 1), f"{n_frozen:,}")
             data = concatenate_datasets([self._task_train[t] for t in stage]) if len(stage) > 1 else \
                 self._task_train[stage[0]]
-            callbacks = [FreezeMaskCallback(frozen)] if n_frozen else []
+            callbacks = ([FreezeMaskCallback(frozen)] if n_frozen else []) + \
+                ([self._anchor_callback] if self._anchor_callback is not None else [])
             t0 = time.perf_counter()
             checkpoint = self._checkpoint_for(k, explicit, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
