@@ -9,7 +9,7 @@ from trl import SFTConfig
 from ..core.errors import DPIConfigError
 from ..core.planning import OVERLAPS, STAGE_ORDERS, validate_jaccard_threshold
 from ..core.selection import CORE_SCOPES, validate_core_fraction
-from ..core.signals import SIGNALS, validate_signal
+from ..core.signals import DEFAULT_SIGNAL, SIGNAL_REGISTRY, get_signal, gradient_signals, validate_signal
 
 STRATEGIES = ("dpi", "multitask", "random", "given")
 RELIABILITY_MODES = ("none", "split_half")
@@ -207,7 +207,8 @@ class DPIConfig(SFTConfig):
     )
 
     core_signal: str = field(
-        default="fisher", metadata={"help": "Importance that ranks elements into a core.", "choices": list(SIGNALS)}
+        default=DEFAULT_SIGNAL,
+        metadata={"help": "Importance that ranks elements into a core.", "choices": list(SIGNAL_REGISTRY)},
     )
     probe_reliability: str = field(
         default="split_half",
@@ -313,7 +314,7 @@ class DPIConfig(SFTConfig):
             )
         if self.strict_reliability and self.probe_reliability != "split_half" and self.masks_from is None:
             raise DPIConfigError("strict_reliability=True needs probe_reliability='split_half' to measure reliability.")
-        if self.fp16 and self.core_signal != "update" and self.needs_probes and self.masks_from is None:
+        if self.fp16 and get_signal(self.core_signal).reads_gradients and self.needs_probes and self.masks_from is None:
             raise DPIConfigError(
                 f"core_signal={self.core_signal!r} reads the probes' gradients, which fp16 loss scaling leaves scaled "
                 "(and inf on overflow steps); use bf16 or float32, or core_signal='update'."
@@ -327,11 +328,12 @@ class DPIConfig(SFTConfig):
             raise DPIConfigError(f"probe_batch_size={self.probe_batch_size!r} must be a positive integer or None.")
         if not isinstance(self.probe_updates_weights, bool):
             raise DPIConfigError(f"probe_updates_weights={self.probe_updates_weights!r} must be True or False.")
-        if not self.probe_updates_weights and self.core_signal == "update" and self.needs_probes \
+        if not self.probe_updates_weights and get_signal(self.core_signal).needs_steps and self.needs_probes \
                 and self.masks_from is None:
             raise DPIConfigError(
-                "probe_updates_weights=False takes no optimizer step, so |θ − θ0| (core_signal='update') is zero "
-                "everywhere; use a gradient signal (core_signal='fisher' or 'gradsum') or probe_updates_weights=True."
+                f"probe_updates_weights=False takes no optimizer step, so {get_signal(self.core_signal).formula} "
+                f"(core_signal={self.core_signal!r}) is zero everywhere; use a gradient signal (core_signal="
+                f"{' or '.join(map(repr, gradient_signals()))}) or probe_updates_weights=True."
             )
         if isinstance(self.protect_tasks, str):
             self.protect_tasks = [self.protect_tasks]
