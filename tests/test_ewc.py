@@ -191,3 +191,52 @@ def test_ewc_in_dpi_stages_sums_the_protected_importances(tmp_path, tokenizer, t
     assert len(logged) == 4 and logged[0] == 0.0 and min(logged[1:]) > 0  # every optimizer step of both stages
     stages = [r for r in trainer.phase_records if r.kind == "stage"]
     assert stages[0].frozen == 0  # ewc freezes nothing of the protected cores
+
+
+def _torchrun(script, *args):
+    """Run tests/scripts/SCRIPT in two processes with torchrun (gloo, CPU)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(Path(__file__).parent / "scripts" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_penalty_applies_once_per_optimizer_step_under_ddp(tmp_path, tokenizer):
+    """Two DDP processes (gloo, CPU), plain SGD: the L2-SP loss-form gradient is applied once per step on every rank
+    (θ2 = θ2_plain − lr·λ·(θ1 − θ_A)), the decoupled pull once after each step, and both ranks end with the same
+    weights and log the same penalty."""
+    from safetensors.torch import load_file
+
+    theta_a = _state(tiny_llama(tokenizer))
+    _source(tmp_path, tiny_llama(tokenizer), importance=False)
+    lr, lam = 0.05, 3.0
+    results = {}
+    for name, extra in (("one", ["--steps", "1"]), ("two", ["--steps", "2"]),
+                        ("l2sp", ["--steps", "2", "--method", "l2sp", "--lam", str(lam)]),
+                        ("dec", ["--steps", "1", "--method", "l2sp", "--lam", str(lam), "--form", "decoupled"])):
+        r = _torchrun("run_protect.py", str(tmp_path / name), str(tmp_path / "src"), *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        ranks = [load_file(str(tmp_path / f"{name}.rank{i}.safetensors")) for i in range(2)]
+        logs = [json.loads((tmp_path / f"{name}.rank{i}.json").read_text()) for i in range(2)]
+        assert logs[0]["world_size"] == 2 and logs[0]["penalties"] == logs[1]["penalties"]
+        for n in ranks[0]:
+            assert torch.equal(ranks[0][n], ranks[1][n]), (name, n)
+        results[name] = (ranks[0], logs[0]["penalties"])
+    theta1, theta2 = results["one"][0], results["two"][0]
+    for n, t in results["l2sp"][0].items():
+        torch.testing.assert_close(t, theta2[n] - lr * lam * (theta1[n] - theta_a[n]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(results["dec"][0][n], theta1[n] - lr * lam * (theta1[n] - theta_a[n]), rtol=1e-5,
+                                   atol=1e-7)
+    expected = 0.5 * lam * sum(float(((theta1[n] - theta_a[n]) ** 2).sum()) for n in theta1)
+    assert results["l2sp"][1] == [0.0, pytest.approx(expected, rel=1e-5)]
