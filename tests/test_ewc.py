@@ -31,8 +31,8 @@ def _source(tmp_path, model, importance=True, name="src"):
     return core
 
 
-def _train(tmp_path, tokenizer, tasks, out, **kw):
-    model = tiny_llama(tokenizer)
+def _train(tmp_path, tokenizer, tasks, out, dtype=torch.float32, **kw):
+    model = tiny_llama(tokenizer).to(dtype)
     base = dict(output_dir=str(tmp_path / out), max_steps=4, learning_rate=2e-2, weight_decay=0.1,
                 gradient_accumulation_steps=2)
     base.update(kw)
@@ -57,6 +57,24 @@ def test_zero_lambda_is_bit_identical_to_no_protection(tmp_path, tokenizer, task
     assert _penalties(trainer) == [0.0] * 4  # logged at every optimizer step (logging_steps=1), λ = 0
     record = json.loads((tmp_path / "ewc" / "dpi" / "protected.json").read_text())
     assert record["protect_method"] == "ewc" and record["protect_lambda"] == 0.0
+    card = (tmp_path / "ewc" / "README.md").read_text()
+    assert "EWC penalty (λ = 0.0" in card and "stayed frozen" not in card
+
+
+def test_the_protection_mode_is_part_of_a_protected_run_identity(tmp_path):
+    """A resume with another λ, form, scope or method is refused like any other changed setting."""
+    from datasets import Dataset
+
+    from dpi_hf.trainer.run_state import changed_fields, protected_run_identity
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2, 3]]})
+    fingerprint = {"sha256": "a", "content": "b"}
+    base = dict(protect_cores_from=str(tmp_path), protect_method="ewc", protect_lambda=1.0)
+    saved = protected_run_identity(dpi_args(tmp_path, **base), rows, fingerprint, "d")
+    for change in ({"protect_lambda": 2.0}, {"protect_ewc_form": "decoupled"}, {"protect_ewc_scope": "core"},
+                   {"protect_method": "l2sp"}):
+        now = protected_run_identity(dpi_args(tmp_path, **(base | change)), rows, fingerprint, "d")
+        assert [c.split(":")[0] for c in changed_fields(saved, now)] == list(change)
 
 
 @pytest.mark.parametrize("form", ["loss", "decoupled"])
@@ -92,6 +110,28 @@ def test_freeze_ewc_keeps_the_core_bit_exact(tmp_path, tokenizer, tasks):
                 assert torch.equal(flat[idx], theta_a[n].flatten()[idx]), (form, n)
             moved += int((flat != theta_a[n].flatten()).sum())
         assert moved > 0 and max(_penalties(trainer)) > 0
+
+
+@pytest.mark.parametrize("form", ["loss", "decoupled"])
+def test_bf16_model_with_bf16_training(tmp_path, tokenizer, tasks, form):
+    """A bf16 model trained with bf16=True: λ = 0 is bit-identical to no protection, and freeze_ewc keeps the core
+    bit-exact while the penalty (computed in float32 against a float32 θ_A) moves the rest."""
+    theta_a = {n: t.to(torch.bfloat16) for n, t in _state(tiny_llama(tokenizer)).items()}
+    core = _source(tmp_path, tiny_llama(tokenizer).to(torch.bfloat16))
+    common = dict(dtype=torch.bfloat16, bf16=True, learning_rate=5e-2)
+    plain, _ = _train(tmp_path, tokenizer, tasks, "plain", **common)
+    zero, _ = _train(tmp_path, tokenizer, tasks, "zero", protect_cores_from=str(tmp_path / "src"),
+                     protect_method="ewc", protect_lambda=0.0, protect_ewc_form=form, **common)
+    held, trainer = _train(tmp_path, tokenizer, tasks, "held", protect_cores_from=str(tmp_path / "src"),
+                           protect_method="freeze_ewc", protect_lambda=10.0, protect_ewc_form=form, **common)
+    moved = 0
+    for n, p in held.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(zero.get_parameter(n), plain.get_parameter(n)), n
+        if n in core and core.count(n):
+            idx = core.indices(n)
+            assert torch.equal(p.detach().flatten()[idx], theta_a[n].flatten()[idx]), n
+        moved += int((p.detach() != theta_a[n]).sum())
+    assert moved > 0 and max(_penalties(trainer)) > 0
 
 
 def test_penalty_applies_once_per_optimizer_step_under_accumulation(tmp_path, tokenizer, tasks):
