@@ -135,3 +135,25 @@ def test_bad_anchor_input():
         AnchorPenalty(net, 1.0, {"nope": torch.ones(2)})
     with pytest.raises(DPIConfigError, match="shape"):
         AnchorPenalty(net, 1.0, {"0.weight": torch.ones(2)})
+
+
+def test_replaced_parameters_are_refused():
+    net = _net()
+    anchor = AnchorPenalty(net, 1.0)
+    anchor.check_parameters(net)
+    net[0].weight = torch.nn.Parameter(net[0].weight.detach().clone())  # what sharding or a reload does
+    with pytest.raises(DPIConfigError, match="replaced"):
+        anchor.check_parameters(net)
+
+
+def test_bf16_parameters():
+    net = _net().to(torch.bfloat16)
+    anchor = AnchorPenalty(net, 2.0)
+    _moved(net)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    assert anchor.value() > 0
+    anchor.add_gradient()
+    anchor.pull(0.1)
+    for p in net.parameters():
+        assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16 and p.grad.any()

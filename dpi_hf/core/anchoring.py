@@ -226,6 +226,16 @@ class AnchorPenalty:
                 e.indices = e.indices.to(dev) if e.indices is not None else None
         return self
 
+    def check_parameters(self, model: torch.nn.Module) -> None:
+        """Raise :class:`DPIConfigError` unless every anchored parameter is still a parameter of ``model`` (a model
+        whose parameters were replaced since θ_A was taken, e.g. sharded by FSDP, would be pulled nowhere)."""
+        current = {id(p) for p in model.parameters()}
+        if any(id(e.param) not in current or hasattr(e.param, "to_local") for e in self._entries):
+            raise DPIConfigError(
+                "the model's parameters were replaced after θ_A was taken (sharded by FSDP, or reloaded); EWC/L2-SP "
+                "anchoring supports unsharded parameters (single process or DDP) only."
+            )
+
     @property
     def elements(self) -> int:
         """Number of anchored elements (F may still be 0 at some)."""

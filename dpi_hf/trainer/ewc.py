@@ -87,6 +87,7 @@ class AnchorCallback(TrainerCallback):
         self._lr_of: dict[int, float] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.anchor.check_parameters(model)
         self.anchor.follow_parameters()  # the Trainer may have moved the model since θ_A was taken
         self._values = []
 
