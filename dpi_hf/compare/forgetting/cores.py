@@ -40,16 +40,19 @@ class Cores:
         directory: where the probes and the artifacts go (``probe-<task>/``, ``cores/<name>/``).
         seed: the probe's seed, and the seed of the random controls.
         reference_fraction: the p of the controls and of EWC's core scope.
+        selection: ``select_core``'s ``scope``, ``include`` and ``exclude`` (the recipe's ``core_scope``,
+            ``core_include``, ``core_exclude``: a DPI run's selection).
         log: progress lines.
     """
 
     def __init__(self, model_a, tokenizer, task: str, rows, training: dict, directory: Path, seed: int,
-                 reference_fraction: float, log=print):
+                 reference_fraction: float, selection: dict, log=print):
         from ...core import model_fingerprint
 
         self.model_a, self.tokenizer, self.task, self.rows = model_a, tokenizer, task, rows
         self.training, self.directory, self.seed = training, Path(directory), seed
         self.reference_fraction = reference_fraction
+        self.selection = selection
         self.log = log
         self.fingerprint = model_fingerprint(model_a)
         self._importance = None
@@ -81,9 +84,7 @@ class Cores:
     def _select(self, importance, p: float):
         from ...core import select_core
 
-        args = probe_args(self.training, self.directory, self.seed, p)
-        return select_core(importance, p, scope=args.core_scope, include=args.core_include,
-                           exclude=args.core_exclude)
+        return select_core(importance, p, **self.selection)
 
     # ------------------------------------------------------------------------------------------------- cores
     def core(self, p: float):

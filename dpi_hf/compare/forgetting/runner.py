@@ -166,8 +166,10 @@ class SeedRun:
         acc = {r: record["after_a"][r]["accuracy"] for r in ("a", "b")}
         self.log(f"[sequential] after {self.pair.a}: accuracy {self.pair.a} {acc['a']:.3f} (base "
                  f"{record['base']['a']['accuracy']:.3f}), {self.pair.b} {acc['b']:.3f}")
+        a = self.recipe.args
         self.cores = Cores(model, self.tokenizer, self.pair.a, self.data[self.pair.a]["train"], self.training,
-                           self.dir, self.seed, self.settings.reference_fraction, log=self.log)
+                           self.dir, self.seed, self.settings.reference_fraction,
+                           {"scope": a.core_scope, "include": a.core_include, "exclude": a.core_exclude}, log=self.log)
 
     # ----------------------------------------------------------------------------------------------- runs
     def _model_file(self, setting: Setting, steps: int) -> Path:
