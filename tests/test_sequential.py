@@ -72,7 +72,7 @@ def _forgetting_recipe(tmp_path, model_dir):
          "eval_samples": 4, "validation_samples": 4, "seed": 2, "eval_seed": 102},
     ]
     recipe.update(max_steps=2, probe_steps=2, probe_updates_weights=False, output_dir=str(tmp_path / "seq"),
-                  learning_rate=5e-2, per_device_train_batch_size=2)
+                  learning_rate=5e-2, per_device_train_batch_size=2, max_length=200)
     recipe["sequential"] = {
         "pairs": [["sums", "arith"]], "seeds": [0], "methods": _METHODS, "max_new_tokens": 4, "eval_batch_size": 4,
         "bootstrap_reps": 200,
@@ -103,6 +103,10 @@ def test_forgetting_benchmark_end_to_end_and_resumes(capsys, tmp_path, tiny_mode
         post_hoc = r["method"] in ("wise_ft", "core_interp")
         assert (r["steps"], r["examples"]) == ((0, 0) if post_hoc else (2, 4))
     by = {r["label"]: r for r in results["runs"]}
+    # each run measured its own model (a deep copy of a model a Trainer has trained would still compute with the
+    # original's weights: the harness copies only a θ_A no Trainer touched)
+    nlls = {label: r["after_b"]["b"]["nll"] for label, r in by.items()}
+    assert len(set(nlls.values())) == len(nlls) and by["none"]["after_a"]["b"]["nll"] not in nlls.values()
     # the controls froze exactly the core's size; per tensor, exactly its per-tensor counts
     assert by["random_per_tensor"]["protected_elements"] == by["freeze p=0.05"]["protected_elements"] > 0
     assert by["freeze p=0.01"]["protected_elements"] < by["freeze p=0.05"]["protected_elements"]

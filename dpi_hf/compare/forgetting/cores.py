@@ -8,6 +8,7 @@ The importance comes from the trainer's own probe path (:func:`dpi_hf.trainer.pr
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ class Cores:
     """The cores and controls of one (pair, seed), selected lazily and written as protection artifacts.
 
     Args:
-        model_a: the A model (θ_A); its weights are read, never changed (the probes restore them bit-exactly).
+        model_a: the A model (θ_A), never given to a Trainer (the probes run on a copy).
         tokenizer: its tokenizer.
         task: A's name; ``rows``: A's training rows (what the probe reads).
         training: the recipe's training fields (the probe settings among them).
@@ -69,7 +70,8 @@ class Cores:
         self.log(f"[sequential] probing {task}'s importance at θ_A ({self.training.get('probe_steps', 'default')} "
                  "probe steps, the recipe's probe settings)")
         args = probe_args(self.training, out, self.seed, self.reference_fraction)
-        probe_cores(self.model_a, {task: rows}, args, processing_class=self.tokenizer)
+        # on a copy: the probe's Trainer patches its model's forward, and θ_A is deep-copied by every later run
+        probe_cores(copy.deepcopy(self.model_a), {task: rows}, args, processing_class=self.tokenizer)
         return out
 
     @property

@@ -142,7 +142,6 @@ class SeedRun:
             record["base"] = {r: {"accuracy": base[r]["accuracy"], "nll": base[r]["nll"]} for r in ("a", "b")}
         a_file = self.dir / "model-a.safetensors"
         if a_file.is_file():
-            restore_parameters(model, load_file(str(a_file)))
             self.log(f"[sequential] {self.pair.name} seed {self.seed}: reusing the A model {a_file}")
         else:
             self.log(f"[sequential] {self.pair.name} seed {self.seed}: training {self.pair.a} ({self.a_steps} steps, "
@@ -150,11 +149,17 @@ class SeedRun:
             args = M.sft_args(self.training, self.dir / "a", self.seed, max_steps=self.a_steps,
                               learning_rate=self.a_lr)
             t0 = time.perf_counter()
-            DPITrainer(model, args=args, train_dataset=self.data[self.pair.a]["train"],
+            work = copy.deepcopy(model)
+            DPITrainer(work, args=args, train_dataset=self.data[self.pair.a]["train"],
                        processing_class=self.tokenizer).train()
             if fresh:
                 record["seconds"] = time.perf_counter() - t0
-            atomic_save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, a_file)
+            atomic_save_file({n: p.detach().contiguous() for n, p in work.named_parameters()}, a_file)
+            del work
+        # θ_A in a model no Trainer has touched: every run starts from a deep copy of it, and a Trainer leaves its
+        # model's forward patched (TRL's fused LM head) with a closure over that very model, which a deep copy would
+        # keep calling (the copy would compute with the original's weights)
+        restore_parameters(model, load_file(str(a_file)))
         self.model_a = model
         if fresh:
             after = self.measure(model)
