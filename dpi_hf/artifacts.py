@@ -122,7 +122,7 @@ def find_dpi_dir(path) -> Path:
     """The ``dpi/`` folder of a run directory (or the folder itself)."""
     p = Path(path)
     for cand in (p / DPI_DIR, p):
-        if (cand / CORES_FILE).is_file() or (cand / PLAN_FILE).is_file():
+        if (cand / CORES_FILE).is_file() or (cand / PLAN_FILE).is_file() or (cand / IMPORTANCE_FILE).is_file():
             return cand
     raise MaskFileError(
         f"no DPI artifacts in {str(p)!r}: expected {DPI_DIR}/{CORES_FILE} and {DPI_DIR}/{PLAN_FILE} (the output_dir of a "
@@ -283,9 +283,21 @@ def load_importance(source, tasks=None, model=None, check_content: bool = False)
 
 def protection_lines(protected: dict) -> list[str]:
     """Card lines saying which cores stayed frozen through the whole training, and from where."""
+    method = protected.get("protect_method", "freeze")
+    how = {
+        "freeze": "stayed frozen bit for bit for the whole training",
+        "ewc": f"were protected by an EWC penalty (λ = {protected.get('protect_lambda')}, form "
+               f"`{protected.get('protect_ewc_form')}`, scope `{protected.get('protect_ewc_scope')}`) weighted by "
+               "their stored importance, nothing frozen",
+        "freeze_ewc": f"stayed frozen bit for bit, with an EWC penalty (λ = {protected.get('protect_lambda')}, form "
+                      f"`{protected.get('protect_ewc_form')}`) on every other element",
+        "l2sp": f"were protected by a uniform L2-SP pull to the starting weights (λ = {protected.get('protect_lambda')}"
+                f", form `{protected.get('protect_ewc_form')}`, scope `{protected.get('protect_ewc_scope')}`), "
+                "nothing frozen",
+    }[method]
     lines = [
         f"Protected cores: the cores of {', '.join(f'`{t}`' for t in protected['tasks'])} from "
-        f"`{protected['source']}` stayed frozen bit for bit for the whole training ({protected['elements']:,} "
+        f"`{protected['source']}` {how} ({protected['elements']:,} "
         f"elements, {100 * protected.get('fraction', 0.0):.3f}% of the parameters; cores file sha256 "
         f"`{protected['digest'][:12]}`, signal `{protected.get('settings', {}).get('core_signal', 'update')}`, "
         f"p = {protected.get('settings', {}).get('core_fraction')}).",
@@ -306,7 +318,8 @@ def protection_section(protected: dict) -> str:
         "## Protected cores (dpi-hf)",
         "",
         "Fine-tuned with [dpi-hf](https://pypi.org/project/dpi-hf/) as plain SFT on one dataset, with the core "
-        "regions of earlier skills frozen so that the new training cannot overwrite them.",
+        "regions of earlier skills protected (frozen, or pulled towards their starting weights; see below) so that "
+        "the new training does not overwrite them.",
         "",
         *protection_lines(protected),
         "",
@@ -391,7 +404,8 @@ def write_model_card(output_dir, plan: StagePlan | None, settings: dict) -> Path
     else:
         card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).name}\n")
     protected = settings.get("protected")
-    protected_meta = {"protected": {k: protected[k] for k in ("source", "tasks", "elements", "digest")}} \
+    protected_meta = {"protected": {k: protected[k] for k in ("source", "tasks", "elements", "digest",
+                                                              "protect_method", "protect_lambda") if k in protected}} \
         if protected else {}
     if plan is None:
         card.data.dpi = {**protected_meta,

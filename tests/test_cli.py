@@ -84,6 +84,7 @@ def run_dir(tmp_path):
     (out / "model.safetensors").write_bytes(b"weights")
     (out / "_dpi_runs").mkdir()
     (out / "_dpi_runs" / "last-stage.safetensors").write_bytes(b"big")
+    (out / "dpi" / "importance.safetensors").write_bytes(b"as big as the model")
     return out
 
 
@@ -95,7 +96,9 @@ def run_dir(tmp_path):
                "model:", "tasks:", "eval:", "runtime:"]),
     ("plan", ["--jaccard-threshold", "--order", "--seed", "--save", "--plot", "OUTPUT_DIR"]),
     ("inspect", ["--plots", "--no-plots", "OUTPUT_DIR"]),
-    ("push", ["--private", "--token", "--revision", "--commit-message", "REPO_ID"]),
+    ("push", ["--private", "--token", "--revision", "--commit-message", "--include-importance", "REPO_ID"]),
+    ("merge", ["--alpha", "--cores-from", "--alpha-core", "OUTPUT_DIR"]),
+    ("probe", ["--importance_from"]),
     ("materialize-model", ["--cache-dir", "--force", "NAME"]),
 ])
 def test_every_command_explains_its_options(capsys, command, options):
@@ -386,6 +389,11 @@ def test_push_uploads_the_run_without_training_leftovers(capsys, run_dir, monkey
     assert {"config.json", "model.safetensors", "dpi/cores.safetensors", "dpi/plan.json", "dpi/overlap.png"} <= set(
         uploaded)
     assert not any(u.startswith(RUNS_DIR) for u in uploaded)
+    assert "dpi/importance.safetensors" not in uploaded  # as large as the model: only when asked
+    _FakeApi.calls = []
+    rc, _, _ = _run(capsys, "push", run_dir, "me/dpi-model", "--include-importance")
+    patterns = dict(_FakeApi.calls)["upload_folder"]["ignore_patterns"]
+    assert rc == 0 and not any(fnmatch.fnmatch("dpi/importance.safetensors", pat) for pat in patterns)
 
 
 def test_push_refuses_an_unfinished_run(capsys, tmp_path, monkeypatch):

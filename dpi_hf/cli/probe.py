@@ -14,13 +14,19 @@ def add_parser(subparsers, parents=()):
     probe = verb_parser(
         subparsers, parents, "probe",
         help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
-        usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
+        usage="dpi-hf probe RECIPE.yaml [--debug] [--importance_from DIR] [--FIELD VALUE ...]",
         description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
                     "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from, or protect them in a later run with --protect_cores_from (one task is enough: the cores of a skill the model already has). A "
                     "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
-                    "fields are probed.",
+                    "fields are probed. With --save_importance true the importance is stored too "
+                    "(dpi/importance.safetensors); --importance_from DIR then selects cores at another "
+                    "--core_fraction from it without probing again.",
     )
     probe.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="the recipe file, e.g. recipes/quickstart.yaml")
+    probe.add_argument("--importance_from", "--importance-from", dest="importance_from", default=None, metavar="DIR",
+                       help="select the cores from the importance stored in DIR (a probe run with "
+                            "--save_importance true on the same model) at this recipe's core_fraction and core_scope, "
+                            "without probing (the recipe's data is not read)")
     return probe
 
 
@@ -39,5 +45,5 @@ def run(args, overrides: list[str]) -> int:
     recipe = Recipe.from_dict(raw, source=args.recipe)
     from ..run.probe import run_probe
 
-    run_probe(recipe)
+    run_probe(recipe, importance_from=args.importance_from)
     return 0

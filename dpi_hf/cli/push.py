@@ -11,6 +11,8 @@ from .common import verb_parser
 # last-stage weights), Trainer checkpoints and per-stage models.
 # (`_dpi_runs` is dpi_hf.trainer.RUNS_DIR, spelled out so that `dpi-hf push` does not import trl.)
 PUSH_IGNORE = ["_dpi_runs/**", "checkpoint-*/**", "stage-*/**"]
+# the stored importance (save_importance=True) is as large as the model in bf16 per task: left out unless asked
+IMPORTANCE_IGNORE = "dpi/importance.safetensors"
 
 NAME = "push"
 TAKES_OVERRIDES = False
@@ -23,7 +25,7 @@ def add_parser(subparsers, parents=()):
         help="upload a run's model, masks, plan and model card to the Hugging Face Hub",
         description="Upload OUTPUT_DIR (model, tokenizer, README.md model card, dpi/cores.safetensors, "
                     "dpi/plan.json, plots, scores) to a Hub model repository, creating it if needed. Left out: "
-                    + ", ".join(PUSH_IGNORE) + ".",
+                    + ", ".join(PUSH_IGNORE) + f", and {IMPORTANCE_IGNORE} unless --include-importance.",
     )
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="a finished run's output_dir")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. my-name/smollm2-dpi")
@@ -32,6 +34,9 @@ def add_parser(subparsers, parents=()):
                       help="Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`)")
     push.add_argument("--revision", default=None, help="branch to push to (default: main)")
     push.add_argument("--commit-message", default="Upload DPI model (dpi-hf)", help="the commit message")
+    push.add_argument("--include-importance", action="store_true",
+                      help=f"also upload {IMPORTANCE_IGNORE} (2 bytes per parameter per task; what protect_method="
+                           "'ewc' and cores at other p read)")
     return push
 
 
@@ -58,6 +63,7 @@ def run(args, _extra) -> int:
     if args.revision:
         api.create_branch(repo_id=args.repo_id, branch=args.revision, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=args.repo_id, repo_type="model", revision=args.revision,
-                      commit_message=args.commit_message, ignore_patterns=PUSH_IGNORE)
+                      commit_message=args.commit_message,
+                      ignore_patterns=PUSH_IGNORE + ([] if args.include_importance else [IMPORTANCE_IGNORE]))
     print(f"pushed {folder} to {url}")
     return 0

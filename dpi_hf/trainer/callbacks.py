@@ -64,7 +64,9 @@ class CoreProbeCallback(TrainerCallback):
             accumulated and then dropped before every optimizer step, so the run reads the importance at the current
             weights and never moves them (the optimizer skips parameters without a gradient, weight decay included).
 
-    After training, :attr:`core` holds the :class:`CoreMask` and :attr:`ties` the threshold tie report (see
+    After training, :attr:`core` holds the :class:`CoreMask`, :attr:`batches` the number of optimizer steps the
+    importance was accumulated over (the divisor of its mean, as stored in ``dpi/importance.safetensors``), and
+    :attr:`ties` the threshold tie report (see
     :func:`dpi_hf.core.signals.threshold_ties`); a warning is logged when the threshold falls among exact zeros or
     inside a large block of tied values.
     """
@@ -101,6 +103,7 @@ class CoreProbeCallback(TrainerCallback):
         self.core: CoreMask | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.ties: dict | None = None
+        self.batches: int | None = None
         self._accumulator: ImportanceAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -129,6 +132,7 @@ class CoreProbeCallback(TrainerCallback):
                 p.grad = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.batches = self._accumulator.steps if self._accumulator is not None else state.global_step
         self.core = self.select(model)
         if self.save_path is not None:
             fingerprint = model_fingerprint(model)  # on every rank: sharded tensors are read with collectives

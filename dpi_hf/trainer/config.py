@@ -392,6 +392,12 @@ class DPIConfig(SFTConfig):
             )
         if not isinstance(self.save_importance, bool):
             raise DPIConfigError(f"save_importance={self.save_importance!r} must be True or False.")
+        if self.save_importance and (self.masks_from is not None or not self.needs_probes):
+            raise DPIConfigError(
+                "save_importance=True stores what the probes measure, and this run probes nothing ("
+                f"{'masks_from reuses saved cores' if self.masks_from is not None else f'staging={self.staging!r} without freeze_cores'}"
+                "); drop save_importance, or probe (drop masks_from / use staging='dpi')."
+            )
 
     @property
     def anchors(self) -> bool:

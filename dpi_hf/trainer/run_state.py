@@ -232,11 +232,17 @@ def _load_checked(dpi_dir: Path, model, tasks, allow_other_weights: bool):
         return cores, plan, other_weights
 
 
-def check_protection_source(args: DPIConfig) -> tuple[Path, list[str]]:
+def check_protection_source(args: DPIConfig, peft_config=None) -> tuple[Path, list[str]]:
     """The ``dpi/`` folder of ``args.protect_cores_from`` and the tasks to protect, checked without a model: the
-    artifact exists, holds cores, and has every task of ``protect_tasks``. Cheap; the CLI calls it before loading
-    anything."""
+    artifact exists, holds cores (and, for ``protect_method`` ewc / freeze_ewc, the importance), and has every task
+    of ``protect_tasks``; no ``peft_config`` is given. Cheap; the CLI calls it before loading anything."""
     source = args.protect_cores_from
+    if peft_config is not None:
+        raise DPIConfigError(
+            "protect_cores_from protects elements of the model's own parameters, and peft_config trains adapter "
+            "parameters whose names and shapes match no core; drop peft_config (full fine-tuning with the "
+            "protection), or drop protect_cores_from (LoRA alone)."
+        )
     try:
         dpi_dir = resolve_masks_source(source)
     except MaskFileError:

@@ -88,11 +88,14 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
     run_identity,
 )
 from ..utils import check_each_task_once
+from .ewc import PENALTY_LOG_KEY, AnchorCallback, build_anchor
+from .importance import collect_importance, save_probe_importance
+from .run_state import MASK_SETTINGS, PROTECT_FIELDS
 
 logger = logging.getLogger(__name__)
 
 # DPI fields that also apply to a single dataset (then DPITrainer is SFTTrainer plus the protection)
-PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks")
+PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks", *PROTECT_FIELDS)
 
 def _split_half_error(task: str, rows: int) -> DPIConfigError:
     return DPIConfigError(
@@ -147,8 +150,10 @@ class DPITrainer(SFTTrainer):
         self.phase_records: list[PhaseRecord] = []
         self._phase_examples = 0
         self.protected, self.protection = None, None  # the frozen union of protect_cores_from, and its record
+        self._anchor_callback = None  # protect_method ewc / freeze_ewc / l2sp: the pull towards θ_A
         if args.protects:  # before the Trainer creates output_dir or anything else
-            check_protection_source(args)  # no model needed: the artifact, its cores, the protected task names
+            # no model needed: the artifact, its cores (and importance), the protected task names, no peft_config
+            check_protection_source(args, peft_config=kwargs.get("peft_config"))
             if not isinstance(model, str):
                 self._load_protection(args, model)
         if self.tasks is None:
@@ -157,7 +162,10 @@ class DPITrainer(SFTTrainer):
             if args.protects:  # SFTTrainer plus the protection: the cores stay frozen through the whole train()
                 if self.protection is None:
                     self._load_protection(args, self.model)
-                self.add_callback(FreezeMaskCallback(self.protected))
+                if args.freezes_protected:
+                    self.add_callback(FreezeMaskCallback(self.protected))
+                if self._anchor_callback is not None:
+                    self.add_callback(self._anchor_callback)
             return
 
         self._validate_multitask(args)
@@ -191,6 +199,9 @@ class DPITrainer(SFTTrainer):
         self.protected, self.protection = load_protected_cores(args, model)
         logger.info("DPI: protecting %s elements (%.3f%%), the cores of %s from %s", f"{self.protected.count():,}",
                     100 * self.protection["fraction"], self.protection["tasks"], self.protection["source"])
+        if args.anchors:  # θ_A = the weights now, before any training (the weights the cores were probed on)
+            anchor = build_anchor(args, model, self.protected, self.protection["tasks"])
+            self._anchor_callback = AnchorCallback(anchor, args.protect_ewc_form)
 
     def _load_masks(self, args: DPIConfig, model):
         cores, self._mask_source = load_run_masks(args, model, list(self.tasks))
@@ -252,6 +263,14 @@ class DPITrainer(SFTTrainer):
     def stage_history(self) -> list[dict]:
         """The probes and stages run so far, as dicts (see :class:`~dpi_hf.phases.PhaseRecord`)."""
         return [r.to_dict() for r in self.phase_records]
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # the protection penalty, measured once per optimizer step, logged as its mean over the logging interval
+        if self._anchor_callback is not None and "loss" in logs:
+            penalty = self._anchor_callback.pop_mean()
+            if penalty is not None:
+                logs[PENALTY_LOG_KEY] = penalty
+        super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         # count the examples each phase steps on, where the batch is known (reported in the phase records)
@@ -422,7 +441,8 @@ class DPITrainer(SFTTrainer):
             self._restore(theta0)
         # fusion keeps each task's importance at its core (to resolve elements several groups' cores claim)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
-                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1 or self._fuses,
+                               task_name=label, signal=a.core_signal,
+                               keep_importance=n_parts > 1 or self._fuses or a.save_importance,
                                update_weights=a.probe_updates_weights)
         name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
         t0 = time.perf_counter()
@@ -466,6 +486,8 @@ class DPITrainer(SFTTrainer):
                 to_save = {task: cores[task]}
                 if self._fuses and self.is_world_process_zero():
                     save_core_importance(probes[0].importance, cores[task], importance_path(self._runs_dir, task))
+                if a.save_importance and self.is_world_process_zero():
+                    save_probe_importance(self._runs_dir, task, probes[0].importance, probes[0].batches)
                 probes[0].importance = None
             else:
                 pooled = pool_importance([p.importance for p in probes], inplace=True)  # the probes' own copies
@@ -477,6 +499,8 @@ class DPITrainer(SFTTrainer):
                     logger.warning(message)
                 if self._fuses and self.is_world_process_zero():
                     save_core_importance(pooled, cores[task], importance_path(self._runs_dir, task))
+                if a.save_importance and self.is_world_process_zero():  # the mean over both halves' steps
+                    save_probe_importance(self._runs_dir, task, pooled, sum(p.batches for p in probes))
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
                 to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
@@ -604,6 +628,10 @@ class DPITrainer(SFTTrainer):
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
             save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
+            if a.save_importance:
+                collect_importance(self._runs_dir, self._base_output_dir, list(self.tasks), self._fingerprint,
+                                   signal=a.core_signal, **{k: v for k, v in self._settings().items()
+                                                            if k in MASK_SETTINGS})
         if self.protection is not None:  # beside plan.json's copy: the same file a one-dataset protected run writes
             self._write_json(self._dpi_dir / PROTECTED_FILE, self.protection)
         kill_point("after-plan")
@@ -633,14 +661,15 @@ class DPITrainer(SFTTrainer):
             if k in finished:
                 continue
             frozen = plan.frozen_before(k) if plan.freeze else None
-            if self.protected is not None:  # the protected cores stay frozen in every stage, on top of the plan's
+            if self.protected is not None and a.freezes_protected:  # frozen in every stage, on top of the plan's
                 frozen = self.protected if frozen is None else CoreMask.union_all([self.protected, frozen])
             n_frozen = frozen.count() if frozen is not None else 0
             logger.info("DPI: stage %d/%d %s frozen %.3f%% (%s elements)", k + 1, len(plan.stages), stage,
                         100 * n_frozen / max(plan.total_elements, 1), f"{n_frozen:,}")
             data = concatenate_datasets([self._task_train[t] for t in stage]) if len(stage) > 1 else \
                 self._task_train[stage[0]]
-            callbacks = [FreezeMaskCallback(frozen)] if n_frozen else []
+            callbacks = ([FreezeMaskCallback(frozen)] if n_frozen else []) + \
+                ([self._anchor_callback] if self._anchor_callback is not None else [])
             t0 = time.perf_counter()
             checkpoint = self._checkpoint_for(k, explicit, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
