@@ -109,8 +109,9 @@ def test_forgetting_benchmark_end_to_end_and_resumes(capsys, tmp_path, tiny_mode
     nlls = {label: r["after_b"]["b"]["nll"] for label, r in by.items()}
     assert len(set(nlls.values())) == len(nlls) and by["none"]["after_a"]["b"]["nll"] not in nlls.values()
     # the controls froze exactly the core's size; per tensor, exactly its per-tensor counts
-    assert by["random_per_tensor"]["protected_elements"] == by["freeze p=0.05"]["protected_elements"] > 0
-    assert by["freeze p=0.01"]["protected_elements"] < by["freeze p=0.05"]["protected_elements"]
+    assert by["random_per_tensor"]["frozen_elements"] == by["freeze p=0.05"]["frozen_elements"] > 0
+    assert by["freeze p=0.01"]["frozen_elements"] < by["freeze p=0.05"]["frozen_elements"]
+    assert by["ewc form=decoupled lambda=1"]["frozen_elements"] == by["none"]["frozen_elements"] == 0
     assert by["lora r=2 learning_rate=0.01"]["trainable_parameters"] < by["none"]["trainable_parameters"]
     assert by["wise_ft base=none alpha=0.5"]["base"] == "none"
     # every p and the EWC weights came from one stored importance of A at θ_A (the trainer's probe path)

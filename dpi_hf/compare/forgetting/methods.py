@@ -84,7 +84,7 @@ def train_rows(setting: Setting, a_rows, b_rows, b_task: str, seed: int):
 def train_b(model_a, tokenizer, setting: Setting, rows, training: dict, output_dir: Path, seed: int, steps: int,
             learning_rate: float, protect: dict) -> tuple:
     """Train a copy of ``model_a`` on ``rows`` for ``steps`` steps; returns ``(model, info)`` with ``info`` the
-    steps, examples and seconds trained, the elements protected and the trainable parameters."""
+    steps, examples and seconds trained, the elements frozen and the trainable parameters."""
     from ...trainer import DPITrainer
 
     model = copy.deepcopy(model_a)
@@ -102,13 +102,15 @@ def train_b(model_a, tokenizer, setting: Setting, rows, training: dict, output_d
     result = trainer.train()
     seconds = time.perf_counter() - t0
     trained = trainer.model
+    # "ewc", "ewc_core" and "l2sp" read the cores artifact (EWC's weights, its core scope) but freeze nothing
+    freezes = protect.get("protect_method", "freeze") in ("freeze", "freeze_ewc")
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     if setting.method == "lora":
         trained = trained.merge_and_unload()
     info = {"steps": result.global_step, "seconds": seconds, "learning_rate": learning_rate,
             "examples": result.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
             * args.world_size, "trainable_parameters": trainable,
-            "protected_elements": trainer.protected.count() if trainer.protected is not None else 0}
+            "frozen_elements": trainer.protected.count() if freezes and trainer.protected is not None else 0}
     del trainer
     return trained, info
 

@@ -105,7 +105,7 @@ def format_table(data: dict) -> str:
             vs = e["vs_none"]
             lines.append(
                 f"| {label} | {_interval(e['a_accuracy'])} | {_interval(e['b_accuracy'])} | "
-                f"{_interval(e['forgetting'], True)} | {_interval(e['learning'], True)} | "
+                f"{effect(e['forgetting'])} | {effect(e['learning'])} | "
                 f"{'—' if label == 'none' else effect(vs['forgetting'])} | "
                 f"{'—' if label == 'none' else effect(vs['learning'])} | {matched} | "
                 f"{e['nll']['a']:.3f} / {e['nll']['b']:.3f} | {e['validation']:.3f} | "
