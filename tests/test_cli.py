@@ -99,6 +99,7 @@ def run_dir(tmp_path):
     ("push", ["--private", "--token", "--revision", "--commit-message", "--include-importance", "REPO_ID"]),
     ("merge", ["--alpha", "--cores-from", "--alpha-core", "OUTPUT_DIR"]),
     ("probe", ["--importance_from"]),
+    ("sequential", ["--methods", "--b_steps", "--best_from", "--best_pair", "--seeds", "--no-resume"]),
     ("materialize-model", ["--cache-dir", "--force", "NAME"]),
 ])
 def test_every_command_explains_its_options(capsys, command, options):

@@ -50,7 +50,7 @@ def _validate(path: Path):
     if raw_text.get("bf16"):
         overrides["use_cpu"] = True
     if "sequential" in raw_text:
-        from dpi_hf.compare.sequential import load_sequential_recipe
+        from dpi_hf.compare.forgetting import load_sequential_recipe
 
         return load_sequential_recipe(path, overrides)[0]
     if "compare" in raw_text or "sweep" in raw_text:
