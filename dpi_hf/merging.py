@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from .core.copying import independent_copy
 from .core.errors import DPIConfigError, FingerprintMismatchError
 from .core.interpolation import check_same_architecture, interpolate, lora_delta, validate_alpha
 from .core.masks import CoreMask
@@ -48,7 +48,8 @@ def merge_models(model_a: torch.nn.Module, model_b: torch.nn.Module, alpha: floa
     dtype; α = 0 gives A's weights and α = 1 B's, bit for bit.
 
     Args:
-        model_a: the first model (e.g. the model before fine-tuning); the result is a deep copy of it.
+        model_a: the first model (e.g. the model before fine-tuning); the result is a copy of it
+            (:func:`~dpi_hf.core.copying.independent_copy`).
         model_b: the second model, of the same architecture (same parameter names and shapes).
         alpha: the weight α of B, in [0, 1].
         cores: a :class:`~dpi_hf.core.CoreMask` over A's parameters; its elements get ``alpha_core`` instead of
@@ -66,7 +67,7 @@ def merge_models(model_a: torch.nn.Module, model_b: torch.nn.Module, alpha: floa
                             {n: tuple(t.shape) for n, t in state_b.items()}, ("model_a", "model_b"))
     if cores is not None:
         _check_cores_fit(cores, {n: tuple(t.shape) for n, t in state_a.items()})
-    merged = copy.deepcopy(model_a)
+    merged = independent_copy(model_a)  # not deepcopy: a trained model's forward may be bound to the original
     with torch.no_grad():
         targets = dict(merged.named_parameters()) | dict(merged.named_buffers())
         for name, target in targets.items():

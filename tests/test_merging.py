@@ -182,3 +182,27 @@ def test_lora_adapter_merge_equals_peft(tmp_path, tokenizer, rslora):
         torch.testing.assert_close(t, expected[n], rtol=1e-6, atol=1e-7)
         changed += int(not torch.equal(t, _saved_weights(tmp_path / "A")[n]))
     assert changed == 2 * 4  # q, v, up, down in each of the 2 layers
+
+
+def test_merge_models_of_a_model_trained_by_sft_trainer_uses_the_merged_weights(tmp_path, tokenizer):
+    """Regression: TRL patches ``model.forward`` on the instance with a closure over the original bound method, so a
+    ``copy.deepcopy`` of a trained model computed with the ORIGINAL weights; merge_models returned A's outputs."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from dpi_hf import merge_models
+    from dpi_hf.trainer.config import DPIConfig
+
+    model_a = tiny_llama(tokenizer, seed=0)
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "a b"}],
+                               "completion": [{"role": "assistant", "content": "c d"}]}] * 4)
+    SFTTrainer(model_a, args=DPIConfig(str(tmp_path), max_steps=1, use_cpu=True, bf16=False, report_to=[],
+                                       save_strategy="no", per_device_train_batch_size=2),
+               train_dataset=rows, processing_class=tokenizer).train()
+    assert "forward" in model_a.__dict__  # the patch this test is about (if TRL stops patching, the test still holds)
+    model_b = tiny_llama(tokenizer, seed=1)
+    merged = merge_models(model_a, model_b, 1.0)
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(merged(x).logits, model_b(x).logits)
+        assert not torch.equal(merged(x).logits, model_a(x).logits)

@@ -8,12 +8,13 @@ The importance comes from the trainer's own probe path (:func:`dpi_hf.trainer.pr
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from ...core.copying import independent_copy
 
 __all__ = ["Cores", "probe_args"]
 
@@ -71,7 +72,7 @@ class Cores:
                  "probe steps, the recipe's probe settings)")
         args = probe_args(self.training, out, self.seed, self.reference_fraction)
         # on a copy: the probe's Trainer patches its model's forward, and θ_A is deep-copied by every later run
-        probe_cores(copy.deepcopy(self.model_a), {task: rows}, args, processing_class=self.tokenizer)
+        probe_cores(independent_copy(self.model_a), {task: rows}, args, processing_class=self.tokenizer)
         return out
 
     @property

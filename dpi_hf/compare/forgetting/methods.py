@@ -18,12 +18,12 @@ A's core elements (reference p) and α_rest elsewhere, from the unprotected B mo
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ...core.copying import independent_copy
 from .settings import Setting
 
 __all__ = ["sft_args", "protection", "train_rows", "train_b", "interpolate", "base_of"]
@@ -87,7 +87,7 @@ def train_b(model_a, tokenizer, setting: Setting, rows, training: dict, output_d
     steps, examples and seconds trained, the elements frozen and the trainable parameters."""
     from ...trainer import DPITrainer
 
-    model = copy.deepcopy(model_a)
+    model = independent_copy(model_a)
     kwargs = {}
     if setting.method == "lora":
         from peft import LoraConfig

@@ -10,7 +10,6 @@ task's ``eval`` rows (reported) and accuracy on its ``validation`` rows (only to
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import json
@@ -18,6 +17,7 @@ import re
 import time
 from pathlib import Path
 
+from ...core.copying import independent_copy
 from ...core.errors import DPIConfigError
 from . import methods as M
 from .cores import Cores
@@ -149,7 +149,7 @@ class SeedRun:
             args = M.sft_args(self.training, self.dir / "a", self.seed, max_steps=self.a_steps,
                               learning_rate=self.a_lr)
             t0 = time.perf_counter()
-            work = copy.deepcopy(model)
+            work = independent_copy(model)
             DPITrainer(work, args=args, train_dataset=self.data[self.pair.a]["train"],
                        processing_class=self.tokenizer).train()
             if fresh:
@@ -205,7 +205,7 @@ class SeedRun:
         if not path.is_file():
             self.log(f"[sequential] the B model of {base.label!r} is not on disk: training it")
             self.run(base, steps, force=True)
-        model = copy.deepcopy(self.model_a)
+        model = independent_copy(self.model_a)
         restore_parameters(model, load_file(str(path)))
         return model
 
