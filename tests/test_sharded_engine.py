@@ -38,8 +38,9 @@ def test_distributed_selection_equals_one_process(tmp_path):
     r = torchrun("sharded_select.py", tmp_path / "rep")
     assert r.returncode == 0, r.stderr[-4000:]
     rep = reports(tmp_path / "rep")
+    # each case: every rank's ShardedCoreMask holds exactly its rows of the one-process core, with global counts,
+    # and gather() builds the one-process core on rank 0
     assert rep[0]["cases"] == rep[1]["cases"] == 289
-    assert rep[0]["digest"] == rep[1]["digest"]  # the same CoreMask on every rank
     for rank in range(2):
         errors = rep[rank]["errors"]
         # a NaN on rank 1 only is raised on both ranks, naming the tensor, for both scopes
@@ -69,11 +70,13 @@ def test_fsdp2_probe_select_freeze_and_resume(tmp_path):
     for rep in probe:
         assert rep["same_as_one_process"] and rep["same_as_gathered"] and rep["per_tensor_same_as_gathered"]
         assert rep["count"] == 6030  # ⌊0.02 · 301,536⌋
+        assert 0 < rep["local_count"] < 6030  # each rank holds only the core elements of its own rows
         assert rep["restored_exact"]
         assert rep["frozen_identical"] and rep["moved"] > 250_000
         # θ0 per rank: about half of the model (the shards of this model are even)
         assert 0.45 <= rep["theta0_bytes"] / rep["full_bytes"] <= 0.55
     assert probe[0]["theta0_bytes"] + probe[1]["theta0_bytes"] == probe[0]["full_bytes"]
+    assert probe[0]["local_count"] + probe[1]["local_count"] == 6030
 
     killed = tmp_path / "killed"
     (tmp_path / "killed.core.pt").write_bytes(Path(f"{out}.core.pt").read_bytes())
