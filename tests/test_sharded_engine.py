@@ -92,6 +92,45 @@ def test_fsdp2_probe_select_freeze_and_resume(tmp_path):
         assert rep["final"] == probe[rank]["final"]  # bit-identical shards to the uninterrupted stage
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_multitask_pieces_equal_one_process(tmp_path):
+    """The multi-task DPITrainer's pieces on a fully_shard tiny Llama with tied embeddings, 2 ranks: θ0 half per
+    rank, Σg² probes per shard, per-rank core parts (ShardedCoreMask) that gather to the one-process cores, the same
+    plan, stage state saved by DPITrainer's own code as one safetensors file of local shards per rank, stage 2 with
+    the first core frozen on the local shards (bit-identical), a resume from the per-rank files, and final weights
+    equal to the unsharded run's bit for bit."""
+    out = tmp_path / "r"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "fsdp2_pieces.py"), "single", str(out)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = torchrun("fsdp2_pieces.py", "sharded", out)
+    assert r.returncode == 0, r.stderr[-4000:]
+    single = json.loads(Path(f"{out}.single.0").read_text())
+    ranks = [json.loads(Path(f"{out}.sharded.{rank}").read_text()) for rank in range(2)]
+    assert single["tied"] and single["stage_file"] == "stage-0.safetensors"
+    assert single["plan"]["stages"] == [["a"], ["b"]] and single["frozen_count"] == single["core_counts"]["a"]
+    for rank, rep in enumerate(ranks):
+        assert rep["tied"] and rep["theta0_fraction"] == 0.5
+        assert rep["sharded_cores"] == "ShardedCoreMask"
+        assert rep["core_counts"] == single["core_counts"]  # global counts on every rank
+        assert rep["plan"] == single["plan"]  # overlaps computed by collectives: the same plan
+        assert rep["stage_file"] == f"stage-0.rank{rank}-of-2.safetensors"
+        assert rep["frozen_count"] == single["frozen_count"]
+        assert rep["frozen_identical"] and rep["moved"] == single["moved"] > 100_000
+        assert rep["final"] == single["final"]  # bit-identical to the unsharded run
+        assert rep["resumed_exact"] and rep["resumed_final"] == single["final"] and rep["resumed_frozen_identical"]
+        assert "another number of processes" in rep["other_world_error"]
+        assert rep["shard_mask_equal"]
+        assert rep["union_with_global"] == single["union_with_global"]
+        assert rep["intersection"] == single["intersection"]
+    for task, count in single["core_counts"].items():
+        assert ranks[0]["local_counts"][task] + ranks[1]["local_counts"][task] == count
+        assert 0 < ranks[0]["local_counts"][task] < count
+    assert ranks[0]["cores"] == single["cores"]  # gathered on rank 0, saved, reloaded: the one-process cores
+    assert "cores" not in ranks[1]
+
+
 # ------------------------------------------------------------------------------------------------ in process
 def test_snapshot_and_restore_plain_model():
     import torch

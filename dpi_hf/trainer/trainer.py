@@ -50,7 +50,8 @@ from ..core.fusion import TransplantMap
 from ..core.masks import CoreMask
 from ..core.planning import StagePlan, plan_from_groups, reorder_report
 from ..core.reliability import ReliabilityReport, reliability_report
-from ..core.sharding import restore_parameters
+from ..core.sharded_mask import shard_mask
+from ..core.sharding import is_dtensor, restore_parameters
 from ..core.signals import pool_importance, threshold_ties, tie_warning
 from .fusion import (
     FUSED_FILE,
@@ -93,6 +94,15 @@ logger = logging.getLogger(__name__)
 
 # DPI fields that also apply to a single dataset (then DPITrainer is SFTTrainer plus the protection)
 PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks")
+
+def _gathered(masks: dict | None) -> dict | None:
+    """The global masks of ``masks`` (sharded parts are gathered on rank 0, a collective: every rank calls this):
+    the masks themselves when none is sharded, None on the ranks other than 0 of a sharded run."""
+    if not masks or not any(hasattr(m, "gather") for m in masks.values()):
+        return masks
+    out = {t: (m.gather() if hasattr(m, "gather") else m) for t, m in masks.items()}
+    return None if any(m is None for m in out.values()) else out
+
 
 def _split_half_error(task: str, rows: int) -> DPIConfigError:
     return DPIConfigError(
@@ -171,14 +181,19 @@ class DPITrainer(SFTTrainer):
         mixed = mixture(self.tasks, args.task_column)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixed,
                          eval_dataset=eval_split, **kwargs)
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            # the engine handles shards (selection, θ0 snapshots, freezing), but the staged run swaps the model
-            # between phases (θ0 restores, last-stage reloads), which has not been verified on sharded models yet:
-            # refuse rather than risk freezing or restoring the wrong elements
+        if getattr(self, "is_deepspeed_enabled", False):
+            # accelerate runs DeepSpeed's optimizer step inside backward, before any callback event, so neither the
+            # gradient signals nor the exact freeze can hook in: refuse rather than freeze inexactly
             raise DPIConfigError(
-                "a multi-task DPITrainer run under FSDP or DeepSpeed is not supported yet; run it under DDP "
-                "(`accelerate launch --config_file recipes/accelerate/ddp.yaml`), or use CoreProbeCallback and "
-                "FreezeMaskCallback in your own sharded Trainer runs (they work on local shards; docs/distributed.md)."
+                "a multi-task DPITrainer run under DeepSpeed is not supported: its engine steps inside backward, "
+                "before the probe signals and the freeze can act. Shard with FSDP2 instead (`accelerate launch "
+                "--config_file recipes/accelerate/fsdp2.yaml`), or run under DDP (docs/distributed.md)."
+            )
+        if getattr(self, "is_fsdp_enabled", False) and args.fusion == "cpi":
+            # the fusion reads whole probe models on rank 0
+            raise DPIConfigError(
+                "fusion='cpi' is not supported under FSDP (the fusion reads whole probe models on one rank); run it "
+                "under DDP, or set fusion='none' for a sharded run."
             )
         self._task_train = self._tokenized_tasks(kwargs.get("formatting_func"))
         if args.masks_from is not None and args.needs_probes and self._preloaded_cores is None:
@@ -339,6 +354,44 @@ class DPITrainer(SFTTrainer):
     def _restore(self, state: dict[str, torch.Tensor]) -> None:
         restore_parameters(self.model, state)  # bit-exact; local shards of sharded parameters
 
+    # ----------------------------------------------------------------------------------------------- sharded runs
+    @property
+    def _sharded(self) -> bool:
+        return any(is_dtensor(p) for p in self.model.parameters())
+
+    def _shard_model(self) -> None:
+        """Under FSDP2, shard the model now (accelerate's model-only prepare), before θ0 is copied: θ0, the probe
+        signals, the cores and the freeze then all live on this rank's shards, and every phase's Trainer.train()
+        finds the model already sharded (accelerate leaves an FSDP module as it is)."""
+        if not getattr(self, "is_fsdp_enabled", False) or self._sharded:
+            return
+        self.model = self.model_wrapped = self.accelerator.prepare(self.model)
+        # masks loaded before sharding (masks_from, protect_cores_from): keep this rank's rows only
+        if self._preloaded_cores is not None:
+            self._preloaded_cores = {t: shard_mask(m, self.model) for t, m in self._preloaded_cores.items()}
+        if self.protected is not None:
+            self.protected = shard_mask(self.protected, self.model)
+
+    def _stage_state_path(self, k: int) -> Path:
+        if self._sharded:  # one file of local shards per rank (sharded safetensors)
+            w = self.accelerator.num_processes
+            return self._runs_dir / f"stage-{k}.rank{self.accelerator.process_index}-of-{w}.safetensors"
+        return self._runs_dir / f"stage-{k}.safetensors"
+
+    def _save_stage_state(self, k: int) -> None:
+        """The weights after stage k, for a resume: the whole model on rank 0, or each rank's local shards."""
+        if self._sharded or self.is_world_process_zero():
+            atomic_save_file(snapshot_parameters(self.model, include_frozen=True), self._stage_state_path(k))
+
+    def _load_stage_state(self, k: int) -> dict[str, torch.Tensor]:
+        path = self._stage_state_path(k)
+        if not path.is_file():
+            raise DPIConfigError(
+                f"{path} does not exist: the run was saved with another number of processes (a sharded run keeps "
+                "one file of local shards per rank); resume with the world size the run was started with."
+            )
+        return load_file(str(path))
+
     # ----------------------------------------------------------------------------------------------- run state
     def _prepare_run_dir(self, resume_from_checkpoint, identity: dict) -> tuple[dict, str | None]:
         """Check ``output_dir`` against this run before any work; return (progress, explicit checkpoint or None)."""
@@ -447,7 +500,7 @@ class DPITrainer(SFTTrainer):
         for i, task in enumerate(self.tasks):
             path = self._runs_dir / "probes" / f"{safe_name(task)}.safetensors"
             if resume and path.is_file():
-                saved = load_cores(path, model=self.model)
+                saved = {k: shard_mask(m, self.model) for k, m in load_cores(path, model=self.model).items()}
                 cores[task] = saved[task]
                 if f"{task}#half-1" in saved:
                     half_cores[task] = (saved[f"{task}#half-1"], saved[f"{task}#half-2"])
@@ -480,6 +533,7 @@ class DPITrainer(SFTTrainer):
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
                 to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
+            to_save = _gathered(to_save)  # sharded cores: the global masks, on rank 0 only
             if self.is_world_process_zero():
                 save_cores(to_save, path, fingerprint=self._fingerprint, **self._settings(),
                            phases=[r.to_dict() for r in self.phase_records[first:]])
@@ -584,6 +638,7 @@ class DPITrainer(SFTTrainer):
         identity = self._run_identity()
         progress, explicit = self._prepare_run_dir(resume_from_checkpoint, identity)
         self.phase_records = []
+        self._shard_model()
 
         cores, reliability = None, None
         if a.needs_probes:
@@ -595,7 +650,9 @@ class DPITrainer(SFTTrainer):
                 self._restore(theta0)
                 del theta0
         plan = self._make_plan(cores, reliability)
-        self.cores, self.plan = cores, plan
+        global_cores = _gathered(cores)  # sharded cores: the global masks, gathered on rank 0 only
+        # trainer.cores: the global masks (on rank 0 of a sharded run; the other ranks keep their own rows' part)
+        self.cores, self.plan = (global_cores if global_cores is not None else cores), plan
         logger.info("DPI plan:\n%s", plan.describe())
         self._check_reliability(reliability)
         if explicit is not None:
@@ -603,7 +660,7 @@ class DPITrainer(SFTTrainer):
             check_explicit_checkpoint(explicit, self._runs_dir, [k for k in range(len(plan.stages)) if k not in finished])
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
-            save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
+            save_dpi_artifacts(self._base_output_dir, global_cores, plan, fingerprint=self._fingerprint, **artifact)
         if self.protection is not None:  # beside plan.json's copy: the same file a one-dataset protected run writes
             self._write_json(self._dpi_dir / PROTECTED_FILE, self.protection)
         kill_point("after-plan")
@@ -622,7 +679,7 @@ class DPITrainer(SFTTrainer):
         finished = list(progress.get("finished_stages", []))
         self.phase_records += [PhaseRecord.from_dict(r) for r in progress.get("stages", [])]
         if finished:
-            self._restore(load_file(str(self._runs_dir / f"stage-{max(finished)}.safetensors")))
+            self._restore(self._load_stage_state(max(finished)))
             logger.info("DPI: resuming after stage %d", max(finished) + 1)
         if self._fuses:  # the card says how the transplant went, on resume too
             artifact["fusion_transplant"] = (self._fuse(plan, cores) if not finished else
@@ -658,19 +715,16 @@ class DPITrainer(SFTTrainer):
             self.phase_records.append(record)
             if a.save_stage_models:  # every rank: save_model synchronises the processes itself
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
-            if self.is_world_process_zero():
-                # the weights after stage k, under a name of their own: a kill before progress.json records stage k
-                # leaves the previous stage's file (the one a resume restores) intact
-                state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-                atomic_save_file(state, self._runs_dir / f"stage-{k}.safetensors")
+            # the weights after stage k, under a name of their own: a kill before progress.json records stage k
+            # leaves the previous stage's file (the one a resume restores) intact
+            self._save_stage_state(k)
             kill_point(f"after-stage-{k}-save")
             finished.append(k)
             self._write_json(self._runs_dir / "progress.json", {
                 "finished_stages": finished, "stages": [r.to_dict() for r in self.phase_records if r.kind == STAGE],
                 "forgetting": forgetting})
-            if self.is_world_process_zero():
-                for older in finished[:-1]:
-                    (self._runs_dir / f"stage-{older}.safetensors").unlink(missing_ok=True)
+            for older in finished[:-1]:
+                self._stage_state_path(older).unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
         if forgetting:
             self._write_json(self._dpi_dir / "forgetting.json", forgetting)
