@@ -280,10 +280,11 @@ def test_engine_memory_per_rank():
     assert m["theta0_shard"] == local * 2  # bf16 θ0 shard
     assert m["signal"] == local * 4  # one fp32 accumulator per local element
     assert m["frozen"] == int(0.03 * local) * (4 + 2)  # int32 position + bf16 value
-    assert m["cores"] == 5 * int(0.01 * n) * 4  # int32 global indices beat a 1-bit mask at p = 1%
+    # each rank holds its rows' part of each core: int32 indices beat a 1-bit mask at p = 1%
+    assert m["cores"] == 5 * int(0.01 * local) * 4
     assert m["total"] == m["theta0_shard"] + m["signal"] + m["frozen"] + m["cores"]
     assert m["bytes_per_parameter"]["theta0_shard"] == pytest.approx(2 / 8, rel=1e-6)
     fp32 = engine_memory_per_rank(n, world_size=8, param_dtype=torch.float32)
     assert fp32["theta0_shard"] == 2 * m["theta0_shard"]
     # at p = 5% a packed bitmask (1 bit) is smaller than int32 indices (1.6 bits)
-    assert engine_memory_per_rank(n, core_fraction=0.05)["cores"] == 5 * -(-n // 8)
+    assert engine_memory_per_rank(n, core_fraction=0.05)["cores"] == 5 * -(-local // 8)
