@@ -23,7 +23,8 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 # the verb modules under dpi_hf/cli/, in --help order (each names its verb: NAME)
-VERBS = ("train", "probe", "plan", "inspect_cores", "push", "compare", "sweep", "sequential", "materialize_model")
+VERBS = ("train", "probe", "plan", "inspect_cores", "push", "merge", "compare", "sweep", "sequential",
+         "materialize_model")
 _EXAMPLES = ("examples:\n  dpi-hf train recipes/quickstart.yaml\n  dpi-hf inspect runs/quickstart\n"
              "  dpi-hf plan runs/quickstart --jaccard-threshold 0.3\n  dpi-hf push runs/quickstart me/my-dpi-model")
 

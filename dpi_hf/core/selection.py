@@ -14,8 +14,8 @@ time, so the extra memory is a few chunk buffers plus the selected indices:
    values > ``T`` and the first needed ones == ``T``.
 
 Ties are broken deterministically: among equal values the earlier tensor (in iteration order) and then the smaller
-flat (row-major) index win. :func:`update_magnitudes` supplies the magnitudes |θ − θ0| lazily from a model and its
-reference weights (a CPU state dict or safetensors files), one tensor at a time.
+flat (row-major) index win. :func:`dpi_hf.core.signals.update_magnitudes` supplies the magnitudes |θ − θ0| lazily
+from a model and its reference weights (a CPU state dict or safetensors files), one tensor at a time.
 
 The passes live in :mod:`dpi_hf.core.radix` (shared with :mod:`dpi_hf.core.distributed_selection`, which runs them
 on DTensor shards), the name patterns and the input source in :mod:`dpi_hf.core.selection_input`.
@@ -28,17 +28,12 @@ transformers.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 
 import numpy as np
-import torch
 
 from .distributed_selection import select_sharded
-from .errors import DPIConfigError
 from .masks import CoreMask
 from .radix import (  # noqa: F401  (CORE_SCOPES and the validators are re-exported)
     _BINS,
@@ -54,9 +49,9 @@ from .radix import (  # noqa: F401  (CORE_SCOPES and the validators are re-expor
     validate_scope,
 )
 from .selection_input import _nothing_left_error, _patterns, _Source, filter_parameter_names
-from .sharding import dtensor_layout, is_dtensor as _is_dtensor
+from .sharding import is_dtensor as _is_dtensor
 
-__all__ = ["UpdateMagnitudes", "filter_parameter_names", "select_core", "update_magnitudes"]
+__all__ = ["filter_parameter_names", "select_core"]
 
 # Elements per chunk: 2**18 int32 = 1 MiB buffers stay in cache; measured as fast as 2**20 and faster than 2**16.
 _CHUNK = 1 << 18
@@ -171,237 +166,3 @@ def select_core(
     _check_size(sizes, fraction, scope)
     k = _core_size(sum(sizes), fraction)
     return CoreMask(_entries_in_order(infos, _select(source.iterate, infos, hist, k, chunk, _MAX_BOUNDARY)))
-
-
-# ---------------------------------------------------------------------------------------------------- |θ − θ0|
-class _SafetensorsReference:
-    """θ0 read from safetensors files one tensor at a time (the files are memory-mapped, never loaded whole)."""
-
-    def __init__(self, path: Path):
-        self._handles: dict[Path, object] = {}
-        if path.is_file():
-            self._files = {name: path for name in self._open(path).keys()}
-            return
-        if not path.is_dir():
-            raise DPIConfigError(
-                f"reference={str(path)!r} does not exist; pass a state dict, a .safetensors file or a checkpoint dir."
-            )
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise DPIConfigError(f"{index} is not a safetensors index (no 'weight_map'): {exc}") from None
-            self._files = {name: path / fname for name, fname in weight_map.items()}
-            return
-        single = path / "model.safetensors"
-        files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
-        if not files:
-            raise DPIConfigError(
-                f"reference directory {str(path)!r} holds no model.safetensors, index or *.safetensors file; "
-                "save the reference with model.save_pretrained(dir) or safetensors.torch.save_file."
-            )
-        self._files = {}
-        for f in files:
-            for name in self._open(f).keys():
-                if name in self._files:
-                    raise DPIConfigError(
-                        f"tensor {name!r} is in both {self._files[name].name} and {f.name} under {str(path)!r}; "
-                        "add a model.safetensors.index.json or keep one checkpoint per directory."
-                    )
-                self._files[name] = f
-
-    def _open(self, file: Path):
-        from safetensors import safe_open
-
-        handle = self._handles.get(file)
-        if handle is None:
-            if not file.is_file():
-                raise DPIConfigError(f"reference file {str(file)!r} (named in the index) does not exist.")
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as exc:  # safetensors raises its own error types for unreadable headers
-                raise DPIConfigError(f"cannot read {str(file)!r} as a safetensors file: {exc}") from None
-            self._handles[file] = handle
-        return handle
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._files
-
-    def keys(self) -> list[str]:
-        return list(self._files)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._files[name]).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._open(self._files[name]).get_tensor(name)
-
-    def get_rows(self, name: str, first: int, last: int) -> torch.Tensor:
-        """Rows ``[first, last)`` only (a sharded parameter's part of a full checkpoint tensor)."""
-        return self._open(self._files[name]).get_slice(name)[first:last]
-
-
-class _MappingReference:
-    def __init__(self, mapping: Mapping):
-        self._mapping = mapping
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._mapping
-
-    def keys(self) -> list[str]:
-        return list(self._mapping.keys())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._mapping[name].shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._mapping[name]
-
-    def get_rows(self, name: str, first: int, last: int) -> torch.Tensor:
-        return self._mapping[name][first:last]
-
-
-class UpdateMagnitudes(Mapping):
-    """A lazy mapping name → |θ − θ0| (float32, CPU), computed from the current parameters when a value is read.
-
-    Returned by :func:`update_magnitudes`; re-iterable, and only one magnitude tensor exists at a time when it is
-    read in a loop (plus that parameter's reference tensor). Pass it straight to :func:`select_core`.
-    """
-
-    def __init__(
-        self,
-        params: dict[str, torch.Tensor],
-        reference: _MappingReference | _SafetensorsReference,
-        rows: dict[str, tuple[int, int]] | None = None,
-    ):
-        self._params = params
-        self._reference = reference
-        # DTensor parameters whose reference is the full tensor: the rows [first, last) of this rank's shard
-        self._rows = rows or {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        current = self._params[name].detach()
-        if name in self._rows:
-            ref = self._reference.get_rows(name, *self._rows[name])
-        else:
-            ref = self._reference.get(name)
-        if _is_dtensor(current):
-            # the local shard's |θ − θ0|, computed on the shard's device and wrapped as a DTensor of the global
-            # shape, so that select_core selects over all ranks (distributed_selection)
-            from torch.distributed.tensor import DTensor
-
-            local = current.to_local()
-            delta = local.to(dtype=torch.float32, copy=True)
-            delta.sub_(ref.detach().to(local.device))
-            return DTensor.from_local(delta.abs_(), current.device_mesh, current.placements, run_check=False,
-                                      shape=current.shape, stride=current.stride())
-        delta = current.to(device="cpu", dtype=torch.float32, copy=True)
-        delta.sub_(ref.detach().to("cpu"))  # promotes bf16/fp16 references into the float32 buffer
-        return delta.abs_()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._params)
-
-    def __len__(self) -> int:
-        return len(self._params)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name → shape of every magnitude tensor, without computing any."""
-        return {n: tuple(p.shape) for n, p in self._params.items()}
-
-
-def update_magnitudes(
-    model_or_named_params,
-    reference,
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-) -> UpdateMagnitudes:
-    """Update magnitudes |θ − θ0| of a model against its reference weights, computed one tensor at a time.
-
-    Args:
-        model_or_named_params: the fine-tuned parameters θ: a ``torch.nn.Module`` (its ``named_parameters()`` that
-            require grad) or a mapping name → tensor (all of them).
-        reference: θ0, keyed by the same names: a mapping name → tensor (held on the CPU), a path to a
-            ``.safetensors`` file, or a directory with ``model.safetensors``, a sharded checkpoint with
-            ``model.safetensors.index.json``, or ``*.safetensors`` shards. Files are read one tensor at a time.
-        include: name patterns of the parameters to keep (see :func:`filter_parameter_names`); None (default) keeps
-            all.
-        exclude: name patterns of parameters to leave out; None (default).
-
-    Sharded models (FSDP2 ``fully_shard``): for a DTensor parameter the reference may be this rank's local shard
-    (as :func:`~dpi_hf.core.snapshot_parameters` keeps it) or the full tensor (only the local rows are read, from
-    files too); the value is the local |θ − θ0| in float32 on the shard's device, wrapped as a DTensor with the
-    parameter's global shape and placements, which :func:`select_core` selects over all ranks.
-
-    Returns:
-        An :class:`UpdateMagnitudes` mapping name → float32 CPU tensor (a DTensor for DTensor parameters),
-        re-iterable and lazy: memory O(largest tensor) while it is iterated. Values reflect the parameters at the
-        time they are read.
-
-    Raises:
-        DPIConfigError: no parameter left, a parameter missing from the reference, a shape mismatch, a non-floating
-            parameter, or an unreadable reference.
-    """
-    if isinstance(model_or_named_params, torch.nn.Module):
-        params = {n: p for n, p in model_or_named_params.named_parameters() if p.requires_grad}
-    elif isinstance(model_or_named_params, Mapping):
-        params = dict(model_or_named_params.items())
-    else:
-        raise DPIConfigError(
-            f"model_or_named_params is a {type(model_or_named_params).__name__}; pass a torch.nn.Module or a "
-            "mapping name → parameter tensor."
-        )
-    names = filter_parameter_names(params, include, exclude)
-    if not names:
-        if not params:
-            raise DPIConfigError(
-                "model_or_named_params has no trainable parameter (requires_grad) to compare; unfreeze some."
-            )
-        raise _nothing_left_error(list(params), _patterns(include, "include"), _patterns(exclude, "exclude"))
-    params = {n: params[n] for n in names}
-
-    if isinstance(reference, Mapping):
-        ref = _MappingReference(reference)
-    elif isinstance(reference, (str, os.PathLike)):
-        ref = _SafetensorsReference(Path(reference))
-    else:
-        raise DPIConfigError(
-            f"reference is a {type(reference).__name__}; pass a state dict (name → tensor), a .safetensors file "
-            "or a checkpoint directory."
-        )
-    rows: dict[str, tuple[int, int]] = {}
-    for name, p in params.items():
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise DPIConfigError(
-                f"parameter {name!r} is {getattr(p, 'dtype', type(p).__name__)}; update magnitudes need floating "
-                "tensors: exclude it (exclude=[...])."
-            )
-        if name not in ref:
-            known = ref.keys()
-            raise DPIConfigError(
-                f"parameter {name!r} is missing from the reference ({len(known)} tensors, e.g. {known[:3]!r}); key "
-                "the reference by the same names as named_parameters() (no 'module.'/'base_model.' prefixes) or "
-                "exclude the parameter."
-            )
-        ref_shape = ref.shape(name)
-        if _is_dtensor(p):
-            # a sharded parameter: the reference is this rank's local shard (snapshot_parameters) or the full tensor
-            # (a checkpoint), of which only the rows of the local shard are read
-            layout = dtensor_layout(name, p)
-            local_shape = tuple(p.to_local().shape)
-            if ref_shape == local_shape:
-                continue
-            if ref_shape == tuple(p.shape):
-                rows[name] = (layout.first_row, layout.last_row)
-                continue
-            raise DPIConfigError(
-                f"parameter {name!r} is sharded (global shape {tuple(p.shape)}, local shard {local_shape}) but the "
-                f"reference has {ref_shape}; pass this rank's snapshot_parameters(model) or the full θ0 weights."
-            )
-        if ref_shape != tuple(p.shape):
-            raise DPIConfigError(
-                f"parameter {name!r} has shape {tuple(p.shape)} but the reference has {ref_shape}; pass the "
-                "reference weights of this very model."
-            )
-    return UpdateMagnitudes(params, ref, rows)
