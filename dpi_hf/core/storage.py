@@ -40,6 +40,11 @@ def _validate_cores(cores) -> list[str]:
             raise DPIConfigError(f"task name {t!r} is not a non-empty string; name every task.")
         if not isinstance(cores[t], CoreMask):
             raise DPIConfigError(f"cores[{t!r}] is a {type(cores[t]).__name__}, not a CoreMask.")
+        if hasattr(cores[t], "gather"):  # a ShardedCoreMask holds one rank's rows only
+            raise DPIConfigError(
+                f"cores[{t!r}] is this rank's part of a sharded core; build the global mask first with "
+                "mask.gather() on every rank and save the result on rank 0."
+            )
     shapes = cores[tasks[0]].shapes()
     for t in tasks[1:]:
         if cores[t].shapes() != shapes:

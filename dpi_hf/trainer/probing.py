@@ -18,6 +18,7 @@ from ..core import load_cores, plan_stages, read_cores_metadata, save_cores, sel
 from ..core.errors import DPIConfigError, ProbeDivergedError
 from ..core.planning import StagePlan, plan_from_groups, reorder_report
 from ..core.reliability import ReliabilityReport, reliability_report
+from ..core.sharded_mask import shard_mask
 from ..core.signals import pool_importance, threshold_ties, tie_warning
 from .callbacks import CoreProbeCallback
 from .fusion import importance_path, probe_model_path, save_core_importance, save_probe_model
@@ -25,6 +26,7 @@ from .importance import save_probe_importance
 from .multitask import safe_name, split_halves
 from .phases import PROBE, PhaseRecord
 from .run_state import kill_point
+from .sharded import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,8 @@ class ProbingMixin:
         for i, task in enumerate(self.tasks):
             path = self._runs_dir / "probes" / f"{safe_name(task)}.safetensors"
             if resume and path.is_file():
-                saved = load_cores(path, model=self.model)
+                # this rank's rows of the saved cores when the model is sharded
+                saved = {k: shard_mask(m, self.model) for k, m in load_cores(path, model=self.model).items()}
                 cores[task] = saved[task]
                 if f"{task}#half-1" in saved:
                     half_cores[task] = (saved[f"{task}#half-1"], saved[f"{task}#half-2"])
@@ -115,6 +118,7 @@ class ProbingMixin:
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
                 to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
+            to_save = gathered(to_save)  # sharded cores: the global masks, on rank 0 only
             if self.is_world_process_zero():
                 save_cores(to_save, path, fingerprint=self._fingerprint, **self._settings(),
                            phases=[r.to_dict() for r in self.phase_records[first:]])

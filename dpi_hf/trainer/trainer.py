@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 
@@ -45,7 +44,7 @@ from .callbacks import FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
 from ..core import model_fingerprint
 from ..core.errors import DPIConfigError
-from ..core.io import atomic_save_file, atomic_write_text
+from ..core.io import atomic_write_text
 from ..core.fusion import TransplantMap
 from ..core.masks import CoreMask
 from ..core.planning import StagePlan
@@ -80,6 +79,7 @@ from ..utils import check_each_task_once
 from .ewc import PENALTY_LOG_KEY, AnchorCallback, build_anchor
 from .importance import collect_importance
 from .run_state import MASK_SETTINGS, PROTECT_FIELDS
+from .sharded import ShardedRunMixin, gathered
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks", *PROTECT_FIELDS)
 
 
-class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
+class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
     """SFTTrainer with Dynamic Parameter Isolation across several tasks.
 
     Args:
@@ -161,14 +161,19 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         mixed = mixture(self.tasks, args.task_column)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixed,
                          eval_dataset=eval_split, **kwargs)
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            # the engine handles shards (selection, θ0 snapshots, freezing), but the staged run swaps the model
-            # between phases (θ0 restores, last-stage reloads), which has not been verified on sharded models yet:
-            # refuse rather than risk freezing or restoring the wrong elements
+        if getattr(self, "is_deepspeed_enabled", False):
+            # accelerate runs DeepSpeed's optimizer step inside backward, before any callback event, so neither the
+            # gradient signals nor the exact freeze can hook in: refuse rather than freeze inexactly
             raise DPIConfigError(
-                "a multi-task DPITrainer run under FSDP or DeepSpeed is not supported yet; run it under DDP "
-                "(`accelerate launch --config_file recipes/accelerate/ddp.yaml`), or use CoreProbeCallback and "
-                "FreezeMaskCallback in your own sharded Trainer runs (they work on local shards; docs/distributed.md)."
+                "a multi-task DPITrainer run under DeepSpeed is not supported: its engine steps inside backward, "
+                "before the probe signals and the freeze can act. Shard with FSDP2 instead (`accelerate launch "
+                "--config_file recipes/accelerate/fsdp2.yaml`), or run under DDP (docs/distributed.md)."
+            )
+        if getattr(self, "is_fsdp_enabled", False) and args.fusion == "cpi":
+            # the fusion reads whole probe models on rank 0
+            raise DPIConfigError(
+                "fusion='cpi' is not supported under FSDP (the fusion reads whole probe models on one rank); run it "
+                "under DDP, or set fusion='none' for a sharded run."
             )
         self._task_train = self._tokenized_tasks(kwargs.get("formatting_func"))
         if args.masks_from is not None and args.needs_probes and self._preloaded_cores is None:
@@ -435,6 +440,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         self._fingerprint = model_fingerprint(self.model)
         identity = self._run_identity()
         progress, explicit = self._prepare_run_dir(resume_from_checkpoint, identity)
+        self._shard_model()  # FSDP2: before θ0 is copied
         self.phase_records = []
 
         cores, reliability = None, None
@@ -447,7 +453,9 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
                 self._restore(theta0)
                 del theta0
         plan = self._make_plan(cores, reliability)
-        self.cores, self.plan = cores, plan
+        global_cores = gathered(cores)  # sharded cores: the global masks, gathered on rank 0 only
+        # trainer.cores: the global masks (on rank 0 of a sharded run; the other ranks keep their own rows' part)
+        self.cores, self.plan = (global_cores if global_cores is not None else cores), plan
         logger.info("DPI plan:\n%s", plan.describe())
         self._check_reliability(reliability)
         if explicit is not None:
@@ -455,7 +463,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             check_explicit_checkpoint(explicit, self._runs_dir, [k for k in range(len(plan.stages)) if k not in finished])
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
-            save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
+            save_dpi_artifacts(self._base_output_dir, global_cores, plan, fingerprint=self._fingerprint, **artifact)
             if a.save_importance:
                 collect_importance(self._runs_dir, self._base_output_dir, list(self.tasks), self._fingerprint,
                                    signal=a.core_signal, **{k: v for k, v in self._settings().items()
@@ -478,7 +486,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         finished = list(progress.get("finished_stages", []))
         self.phase_records += [PhaseRecord.from_dict(r) for r in progress.get("stages", [])]
         if finished:
-            self._restore(load_file(str(self._runs_dir / f"stage-{max(finished)}.safetensors")))
+            self._restore(self._load_stage_state(max(finished)))
             logger.info("DPI: resuming after stage %d", max(finished) + 1)
         if self._fuses:  # the card says how the transplant went, on resume too
             artifact["fusion_transplant"] = (self._fuse(plan, cores) if not finished else
@@ -515,19 +523,16 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             self.phase_records.append(record)
             if a.save_stage_models:  # every rank: save_model synchronises the processes itself
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
-            if self.is_world_process_zero():
-                # the weights after stage k, under a name of their own: a kill before progress.json records stage k
-                # leaves the previous stage's file (the one a resume restores) intact
-                state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-                atomic_save_file(state, self._runs_dir / f"stage-{k}.safetensors")
+            # the weights after stage k, under a name of their own: a kill before progress.json records stage k
+            # leaves the previous stage's file (the one a resume restores) intact
+            self._save_stage_state(k)
             kill_point(f"after-stage-{k}-save")
             finished.append(k)
             self._write_json(self._runs_dir / "progress.json", {
                 "finished_stages": finished, "stages": [r.to_dict() for r in self.phase_records if r.kind == STAGE],
                 "forgetting": forgetting})
-            if self.is_world_process_zero():
-                for older in finished[:-1]:
-                    (self._runs_dir / f"stage-{older}.safetensors").unlink(missing_ok=True)
+            for older in finished[:-1]:
+                self._stage_state_path(older).unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
         if forgetting:
             self._write_json(self._dpi_dir / "forgetting.json", forgetting)
