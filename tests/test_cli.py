@@ -464,13 +464,15 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
 
 
 def test_a_diverged_probe_has_its_own_exit_status(capsys, monkeypatch):
+    import dataclasses
+
     import dpi_hf.cli.plan as plan_verb
     from dpi_hf.core.errors import ProbeDivergedError
 
     def diverge(args, extra):
         raise ProbeDivergedError("the probe of task 'a' diverged: non-finite update")
 
-    monkeypatch.setattr(plan_verb, "run", diverge)
+    monkeypatch.setattr(plan_verb, "VERB", dataclasses.replace(plan_verb.VERB, run=diverge))
     rc, _, err = _run(capsys, "plan", "anything")
     assert rc == cli.EXIT_DIVERGED != cli.EXIT_BAD_INPUT
     lines = err.strip().splitlines()

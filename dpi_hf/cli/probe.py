@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..core.errors import DPIConfigError
-from .common import verb_parser
-
-NAME = "probe"
-TAKES_OVERRIDES = True
+from .common import Verb
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``probe`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    probe = verb_parser(
-        subparsers, parents, "probe",
-        help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
-        usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
-        description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
-                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from, or protect them in a later run with --protect_cores_from (one task is enough: the cores of a skill the model already has). A "
-                    "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
-                    "fields are probed.",
-    )
+def _arguments(probe: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf probe`` to its parser."""
     probe.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="the recipe file, e.g. recipes/quickstart.yaml")
-    return probe
 
 
 def run(args, overrides: list[str]) -> int:
@@ -41,3 +30,15 @@ def run(args, overrides: list[str]) -> int:
 
     run_probe(recipe)
     return 0
+
+
+VERB = Verb(
+    "probe",
+    help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
+    usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
+    description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
+                "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from, or protect them in a later run with --protect_cores_from (one task is enough: the cores of a skill the model already has). A "
+                "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
+                "fields are probed.",
+    arguments=_arguments, run=run, takes_overrides=True,
+)

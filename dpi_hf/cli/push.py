@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 from ..core.errors import DPIConfigError
-from .common import verb_parser
+from .common import Verb
 
 # Training artifacts that are not part of a published model: the per-phase runs (probe cores, progress, the full
 # last-stage weights), Trainer checkpoints and per-stage models.
 # (`_dpi_runs` is dpi_hf.trainer.RUNS_DIR, spelled out so that `dpi-hf push` does not import trl.)
 PUSH_IGNORE = ["_dpi_runs/**", "checkpoint-*/**", "stage-*/**"]
 
-NAME = "push"
-TAKES_OVERRIDES = False
 
-
-def add_parser(subparsers, parents=()):
-    """Add the ``push`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    push = verb_parser(
-        subparsers, parents, "push",
-        help="upload a run's model, masks, plan and model card to the Hugging Face Hub",
-        description="Upload OUTPUT_DIR (model, tokenizer, README.md model card, dpi/cores.safetensors, "
-                    "dpi/plan.json, plots, scores) to a Hub model repository, creating it if needed. Left out: "
-                    + ", ".join(PUSH_IGNORE) + ".",
-    )
+def _arguments(push: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf push`` to its parser."""
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="a finished run's output_dir")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. my-name/smollm2-dpi")
     push.add_argument("--private", action="store_true", help="create the repository as private (if it is new)")
@@ -32,7 +24,6 @@ def add_parser(subparsers, parents=()):
                       help="Hub token with write access (default: HF_TOKEN or the token saved by `hf auth login`)")
     push.add_argument("--revision", default=None, help="branch to push to (default: main)")
     push.add_argument("--commit-message", default="Upload DPI model (dpi-hf)", help="the commit message")
-    return push
 
 
 def run(args, _extra) -> int:
@@ -61,3 +52,13 @@ def run(args, _extra) -> int:
                       commit_message=args.commit_message, ignore_patterns=PUSH_IGNORE)
     print(f"pushed {folder} to {url}")
     return 0
+
+
+VERB = Verb(
+    "push",
+    help="upload a run's model, masks, plan and model card to the Hugging Face Hub",
+    description="Upload OUTPUT_DIR (model, tokenizer, README.md model card, dpi/cores.safetensors, "
+                "dpi/plan.json, plots, scores) to a Hub model repository, creating it if needed. Left out: "
+                + ", ".join(PUSH_IGNORE) + ".",
+    arguments=_arguments, run=run, takes_overrides=False,
+)

@@ -3,27 +3,16 @@ report forgetting, learning, the share of forgetting removed and its cost (see :
 
 from __future__ import annotations
 
-from .common import add_seeds_and_resume, verb_parser
+import argparse
+
+from .common import Verb, add_seeds_and_resume, print_written
 from .output import setup_output
 
-NAME = "sequential"
-TAKES_OVERRIDES = True
 
-
-def add_parser(subparsers, parents=()):
-    """Add the ``sequential`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    p = verb_parser(
-        subparsers, parents, "sequential",
-        help="train A then B, protecting A's core by each signal vs. a random control; measure forgetting",
-        usage="dpi-hf sequential RECIPE.yaml [--seeds S ...] [--no-resume] [--FIELD VALUE ...]",
-        description="For each pair [A, B] of the recipe's sequential: section and each seed: SFT on A, probe A's cores "
-                    "on the trained model, then SFT on B with nothing protected, with A's core by each signal and p, "
-                    "and with a random subset of the same size; writes sequential.json, sequential.md and "
-                    "sequential.png to the recipe's output_dir. Finished runs are reused unless --no-resume.",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf sequential`` to its parser."""
     p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/sequential-smollm2-cpu.yaml")
     add_seeds_and_resume(p, "sequential", "runs")
-    return p
 
 
 def run(args, overrides) -> int:
@@ -51,6 +40,17 @@ def run(args, overrides) -> int:
         shutil.rmtree(out, ignore_errors=True)
     training = {k: getattr(recipe.args, k) for k in raw if k not in SECTIONS and k != "output_dir"}
     results = run_sequential(recipe, settings, out, training)
-    print((out / TABLE_FILE).read_text())
-    print(f"wrote {', '.join(results['files'].values())} to {out}")
+    print_written(out, TABLE_FILE, results["files"])
     return 0
+
+
+VERB = Verb(
+    "sequential",
+    help="train A then B, protecting A's core by each signal vs. a random control; measure forgetting",
+    usage="dpi-hf sequential RECIPE.yaml [--seeds S ...] [--no-resume] [--FIELD VALUE ...]",
+    description="For each pair [A, B] of the recipe's sequential: section and each seed: SFT on A, probe A's cores "
+                "on the trained model, then SFT on B with nothing protected, with A's core by each signal and p, "
+                "and with a random subset of the same size; writes sequential.json, sequential.md and "
+                "sequential.png to the recipe's output_dir. Finished runs are reused unless --no-resume.",
+    arguments=_arguments, run=run, takes_overrides=True,
+)
