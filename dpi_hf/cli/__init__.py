@@ -16,9 +16,12 @@ import argparse
 import importlib
 import sys
 
-from ..core.errors import DPIConfigError, ProbeDivergedError
-from .output import one_line, setup_output
-from .push import PUSH_IGNORE  # noqa: F401  (kept importable as dpi_hf.cli.PUSH_IGNORE)
+from .output import install_noise_filters, one_line, setup_output
+
+install_noise_filters()  # first: before any import below or any verb can import TRL (and with it bitsandbytes)
+
+from ..core.errors import DPIConfigError, ProbeDivergedError  # noqa: E402
+from .push import PUSH_IGNORE  # noqa: E402,F401  (kept importable as dpi_hf.cli.PUSH_IGNORE)
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
