@@ -20,6 +20,7 @@ from pathlib import Path
 from .core import StagePlan, load_cores, model_fingerprint, read_cores_metadata, save_cores
 from .core.errors import DPIConfigError, MaskFileError
 from .core.io import atomic_write_text  # the one atomic writer, also importable from here
+from .core.signals import SIGNAL_REGISTRY
 
 DPI_DIR = "dpi"
 CORES_FILE = "cores.safetensors"
@@ -32,6 +33,8 @@ IMPORTANCE_FORMAT_VERSION = 1
 IMPORTANCE_DTYPE = "bfloat16"
 CARD_SECTION_START = "<!-- dpi-hf:start -->"
 CARD_SECTION_END = "<!-- dpi-hf:end -->"
+DATA_SECTION_START = "<!-- dpi-hf:data:start -->"
+DATA_SECTION_END = "<!-- dpi-hf:data:end -->"
 
 
 def library_versions() -> dict[str, str]:
@@ -317,9 +320,9 @@ def protection_section(protected: dict) -> str:
         CARD_SECTION_START,
         "## Protected cores (dpi-hf)",
         "",
-        "Fine-tuned with [dpi-hf](https://pypi.org/project/dpi-hf/) as plain SFT on one dataset, with the core "
-        "regions of earlier skills protected (frozen, or pulled towards their starting weights; see below) so that "
-        "the new training does not overwrite them.",
+        "Fine-tuned with dpi-hf (Dynamic Parameter Isolation on the Hugging Face stack) as plain SFT on one "
+        "dataset, with the core regions of earlier skills protected (frozen, or pulled towards their starting "
+        "weights; see below) so that the new training does not overwrite them.",
         "",
         *protection_lines(protected),
         "",
@@ -347,12 +350,14 @@ def card_section(plan: StagePlan | None, settings: dict) -> str:
         "",
         *(["**Probes and plan only: no stage has been trained yet** (`DPITrainer.probe()` / `dpi-hf probe`); the "
            "table shows the planned stages.", ""] if probed_only else []),
-        f"{'Planned' if probed_only else 'Trained'} with [dpi-hf](https://pypi.org/project/dpi-hf/) (staging `{settings.get('staging', 'dpi')}`, "
+        f"{'Planned' if probed_only else 'Trained'} with dpi-hf (staging `{settings.get('staging', 'dpi')}`, "
         f"core fraction p = {settings.get('core_fraction')}, Jaccard threshold τ = {plan.jaccard_threshold}, "
         f"scope `{settings.get('core_scope', 'global')}`, signal `{settings.get('core_signal', 'update')}`). Each "
         "task's core region is the p share of parameter elements that matter most to it in a short probe fine-tune "
-        "from the base weights (by the signal: Σg² = `fisher`, |Σg| = `gradsum`, |θ−θ0| = `update`); tasks with "
-        "overlapping cores share a stage, and later stages keep earlier stages' cores frozen bit for bit.",
+        "from the base weights (by the signal: "
+        + ", ".join(f"{s.formula} = `{s.name}`" for s in SIGNAL_REGISTRY.values())
+        + "); tasks with overlapping cores share a stage, and later stages keep earlier stages' cores frozen bit for "
+        "bit.",
         "",
         *rows,
         "",
@@ -393,16 +398,17 @@ def card_section(plan: StagePlan | None, settings: dict) -> str:
 
 
 def write_model_card(output_dir, plan: StagePlan | None, settings: dict) -> Path:
-    """Add (or replace) the DPI section and the ``dpi:`` metadata block in ``output_dir/README.md``.
+    """Add (or replace) the DPI section and the ``dpi:`` metadata block in ``output_dir/README.md``, with the Hub
+    metadata of a text-generation model (``pipeline_tag``, and ``base_model`` when ``settings["base_model"]`` names
+    a Hub id; see :func:`dpi_hf.offline.hub_model_id`).
 
     ``plan`` is None for a single-dataset run with protected cores (``settings["protected"]`` describes them)."""
-    from huggingface_hub import ModelCard
-
+    card = _load_card(output_dir)
     path = Path(output_dir) / "README.md"
-    if path.is_file():
-        card = ModelCard.load(path)
-    else:
-        card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).name}\n")
+    settings = dict(settings)
+    base_model = settings.pop("base_model", None)
+    if base_model:
+        card.data.base_model = base_model
     protected = settings.get("protected")
     protected_meta = {"protected": {k: protected[k] for k in ("source", "tasks", "elements", "digest",
                                                               "protect_method", "protect_lambda") if k in protected}} \
@@ -434,6 +440,54 @@ def write_model_card(output_dir, plan: StagePlan | None, settings: dict) -> Path
         text = before + card_section(plan, settings) + after
     else:
         text = text.rstrip() + "\n\n" + card_section(plan, settings) + "\n"
+    card.text = text
+    card.save(path)
+    return path
+
+
+def _load_card(output_dir):
+    """``output_dir/README.md`` as a ``ModelCard`` (a new one when there is none), marked as a text-generation
+    model."""
+    from huggingface_hub import ModelCard
+
+    path = Path(output_dir) / "README.md"
+    if path.is_file():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).name}\n")
+    card.data.pipeline_tag = "text-generation"
+    return card
+
+
+def write_card_training_data(output_dir, hub_datasets: list[str], other_data: list[str],
+                             base_model: str | None = None) -> Path:
+    """Name a run's base model and training data in ``output_dir/README.md``: ``base_model`` and the Hub ids of the
+    Hub-sourced tasks as the card's ``datasets`` (the Hub links both), and every task's source in the card's text
+    (generated tasks and local files have no Hub id to link).
+
+    Args:
+        hub_datasets: Hub dataset ids (``openai/gsm8k``, ...); none: no ``datasets`` entry.
+        other_data: one line per task that is not on the Hub, e.g. ``"chain_sum: generated with reasoning-gym"``.
+        base_model: the Hub id of the model the run started from (default None: left as the card has it; a local
+            path is never a Hub id, see :func:`dpi_hf.offline.hub_model_id`).
+    """
+    card = _load_card(output_dir)
+    path = Path(output_dir) / "README.md"
+    if base_model:
+        card.data.base_model = base_model
+    if hub_datasets:
+        card.data.datasets = list(dict.fromkeys(hub_datasets))
+    lines = [DATA_SECTION_START, "## Training data", ""]
+    lines += [f"- Hub dataset [{d}](https://huggingface.co/datasets/{d})" for d in dict.fromkeys(hub_datasets)]
+    lines += [f"- {line}" for line in other_data]
+    lines.append(DATA_SECTION_END)
+    text = card.text
+    if DATA_SECTION_START in text:
+        before, rest = text.split(DATA_SECTION_START, 1)
+        after = rest.split(DATA_SECTION_END, 1)[1] if DATA_SECTION_END in rest else ""
+        text = before + "\n".join(lines) + after
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
     card.text = text
     card.save(path)
     return path

@@ -233,6 +233,10 @@ def test_dry_run_prints_the_resolved_recipe(capsys, tmp_path):
 
 
 def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
+    from dpi_hf.offline import MARKER_FILE
+
+    # marked like the quickstart's converted offline checkpoint, so the card names the Hub model it came from
+    (tiny_model_dir / MARKER_FILE).write_text(json.dumps({"name": "smollm2-135m-instruct"}))
     path = _tiny_recipe(tmp_path, tiny_model_dir)
     rc, out, err = _run(capsys, "train", path, "--max_steps", "4")
     assert rc == 0, err
@@ -261,6 +265,13 @@ def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
     for png in ("overlap.png", "core_density.png", "core_modules.png"):
         assert (run / "dpi" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "tokenizer_config.json").is_file() and "dpi-hf" in (run / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.pipeline_tag == "text-generation"
+    assert card.data.datasets is None  # local files have no Hub id: they are named in the text
+    assert "`add`: local file `add.jsonl` (prompt_completion)" in card.text and "pypi.org" not in card.text
+    assert json.loads((run / "dpi" / "plan.json").read_text())["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_probe_writes_the_plan_and_trains_nothing(capsys, tmp_path, tiny_model_dir):
@@ -473,13 +484,15 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
 
 
 def test_a_diverged_probe_has_its_own_exit_status(capsys, monkeypatch):
+    import dataclasses
+
     import dpi_hf.cli.plan as plan_verb
     from dpi_hf.core.errors import ProbeDivergedError
 
     def diverge(args, extra):
         raise ProbeDivergedError("the probe of task 'a' diverged: non-finite update")
 
-    monkeypatch.setattr(plan_verb, "run", diverge)
+    monkeypatch.setattr(plan_verb, "VERB", dataclasses.replace(plan_verb.VERB, run=diverge))
     rc, _, err = _run(capsys, "plan", "anything")
     assert rc == cli.EXIT_DIVERGED != cli.EXIT_BAD_INPUT
     lines = err.strip().splitlines()

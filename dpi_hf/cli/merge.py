@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from .common import verb_parser
+import argparse
 
-NAME = "merge"
-TAKES_OVERRIDES = False
+from .common import Verb
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``merge`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    merge = verb_parser(
-        subparsers, parents, "merge",
-        help="interpolate the weights of two checkpoints of one model (WiSE-FT), optionally core-aware",
-        usage="dpi-hf merge A B OUTPUT_DIR --alpha X [--cores-from DIR --alpha-core Y]",
-        description="Write (1 − α) θ_A + α θ_B into OUTPUT_DIR, streaming tensor by tensor (two checkpoints larger "
-                    "than memory work), with A's dtypes, sharding, config and tokenizer, and a model card with "
-                    "base_model and base_model_relation: merge. B may be a PEFT LoRA adapter directory trained on "
-                    "A. With --cores-from, the cores' elements get --alpha-core instead (after checking that the "
-                    "cores were probed on A's weights).",
-    )
+def _arguments(merge: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf merge`` to its parser."""
     merge.add_argument("a", metavar="A", help="checkpoint A (a saved model directory, safetensors)")
     merge.add_argument("b", metavar="B", help="checkpoint B of the same architecture, or a LoRA adapter directory")
     merge.add_argument("output_dir", metavar="OUTPUT_DIR", help="where the merged checkpoint goes (new or empty)")
@@ -28,7 +17,6 @@ def add_parser(subparsers, parents=()):
                        help="a run directory (or its dpi/) whose cores (all its tasks) get --alpha-core")
     merge.add_argument("--alpha-core", type=float, default=None, metavar="Y",
                        help="the weight of B on the cores' elements, in [0, 1] (with --cores-from)")
-    return merge
 
 
 def run(args, _extra) -> int:
@@ -41,3 +29,16 @@ def run(args, _extra) -> int:
           f"{f' (alpha_core={args.alpha_core} on the cores of {args.cores_from})' if args.cores_from else ''} "
           f"into {out}")
     return 0
+
+
+VERB = Verb(
+    "merge",
+    help="interpolate the weights of two checkpoints of one model (WiSE-FT), optionally core-aware",
+    usage="dpi-hf merge A B OUTPUT_DIR --alpha X [--cores-from DIR --alpha-core Y]",
+    description="Write (1 − α) θ_A + α θ_B into OUTPUT_DIR, streaming tensor by tensor (two checkpoints larger "
+                "than memory work), with A's dtypes, sharding, config and tokenizer, and a model card with "
+                "base_model and base_model_relation: merge. B may be a PEFT LoRA adapter directory trained on "
+                "A. With --cores-from, the cores' elements get --alpha-core instead (after checking that the "
+                "cores were probed on A's weights).",
+    arguments=_arguments, run=run, takes_overrides=False,
+)

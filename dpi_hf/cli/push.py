@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..core.errors import DPIConfigError
-from .common import verb_parser
+from .common import Verb
 
 # Training artifacts that are not part of a published model: the per-phase runs (probe cores, progress, the full
 # last-stage weights), Trainer checkpoints and per-stage models.
@@ -14,19 +15,9 @@ PUSH_IGNORE = ["_dpi_runs/**", "checkpoint-*/**", "stage-*/**"]
 # the stored importance (save_importance=True) is as large as the model in bf16 per task: left out unless asked
 IMPORTANCE_IGNORE = "dpi/importance.safetensors"
 
-NAME = "push"
-TAKES_OVERRIDES = False
 
-
-def add_parser(subparsers, parents=()):
-    """Add the ``push`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    push = verb_parser(
-        subparsers, parents, "push",
-        help="upload a run's model, masks, plan and model card to the Hugging Face Hub",
-        description="Upload OUTPUT_DIR (model, tokenizer, README.md model card, dpi/cores.safetensors, "
-                    "dpi/plan.json, plots, scores) to a Hub model repository, creating it if needed. Left out: "
-                    + ", ".join(PUSH_IGNORE) + f", and {IMPORTANCE_IGNORE} unless --include-importance.",
-    )
+def _arguments(push: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf push`` to its parser."""
     push.add_argument("output_dir", metavar="OUTPUT_DIR", help="a finished run's output_dir")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. my-name/smollm2-dpi")
     push.add_argument("--private", action="store_true", help="create the repository as private (if it is new)")
@@ -37,7 +28,6 @@ def add_parser(subparsers, parents=()):
     push.add_argument("--include-importance", action="store_true",
                       help=f"also upload {IMPORTANCE_IGNORE} (2 bytes per parameter per task; what protect_method="
                            "'ewc' and cores at other p read)")
-    return push
 
 
 def run(args, _extra) -> int:
@@ -67,3 +57,13 @@ def run(args, _extra) -> int:
                       ignore_patterns=PUSH_IGNORE + ([] if args.include_importance else [IMPORTANCE_IGNORE]))
     print(f"pushed {folder} to {url}")
     return 0
+
+
+VERB = Verb(
+    "push",
+    help="upload a run's model, masks, plan and model card to the Hugging Face Hub",
+    description="Upload OUTPUT_DIR (model, tokenizer, README.md model card, dpi/cores.safetensors, "
+                "dpi/plan.json, plots, scores) to a Hub model repository, creating it if needed. Left out: "
+                + ", ".join(PUSH_IGNORE) + f", and {IMPORTANCE_IGNORE} unless --include-importance.",
+    arguments=_arguments, run=run, takes_overrides=False,
+)

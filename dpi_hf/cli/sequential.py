@@ -4,29 +4,16 @@ protecting A; held-out accuracy (and NLL) of both, intervals, the Pareto front, 
 
 from __future__ import annotations
 
-from .common import add_seeds_and_resume, verb_parser
+import argparse
+
+from .common import Verb, add_seeds_and_resume, print_written
 from .output import setup_output
 
-NAME = "sequential"
-TAKES_OVERRIDES = True
 
-
-def add_parser(subparsers, parents=()):
-    """Add the ``sequential`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
+def _arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf sequential`` to its parser."""
     from ..compare.forgetting import METHODS
 
-    p = verb_parser(
-        subparsers, parents, "sequential",
-        help="the forgetting benchmark: train A, then B with each way of protecting A; accuracy kept vs. gained",
-        usage="dpi-hf sequential RECIPE.yaml [--methods M ...] [--b_steps N ...] [--best_from FILE [--best_pair A->B]] "
-              "[--seeds S ...] [--no-resume] [--sequential.KEY VALUE ...] [--FIELD VALUE ...]",
-        description="For each pair [A, B] of the recipe's sequential: section and each seed: SFT on A, then from that "
-                    "model SFT on B with every selected method and setting (nothing, A's core frozen, controls, EWC, "
-                    "L2-SP, LoRA, WiSE-FT, core-aware interpolation, replay); held-out accuracy by the task's verifier "
-                    "and NLL of both tasks after A and after B. Writes forgetting.json (every run, appended as it "
-                    "finishes), results.md and pareto.png to the recipe's output_dir. Finished runs are skipped "
-                    "unless --no-resume.",
-    )
     p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/forgetting-smollm2-cpu.yaml")
     p.add_argument("--methods", nargs="+", metavar="M", choices=METHODS,
                    help=f"run only these methods (default: the recipe's sequential.methods); from {', '.join(METHODS)}")
@@ -37,7 +24,6 @@ def add_parser(subparsers, parents=()):
                         "the other pairs at each method's best setting of the first pair)")
     p.add_argument("--best_pair", metavar="A->B", help="the pair of --best_from whose choice to use (default: its first)")
     add_seeds_and_resume(p, "sequential", "runs")
-    return p
 
 
 def run(args, overrides) -> int:
@@ -84,8 +70,7 @@ def run(args, overrides) -> int:
     training = {k: getattr(recipe.args, k) for k in raw if k not in SECTIONS and k != "output_dir"}
     command = " ".join(shlex.quote(str(a)) for a in _command_line(args, overrides))
     results = run_forgetting(recipe, settings, out, training, command=command)
-    print((out / TABLE_FILE).read_text())
-    print(f"wrote {', '.join(results['files'].values())} to {out}")
+    print_written(out, TABLE_FILE, results["files"])
     return 0
 
 
@@ -101,3 +86,18 @@ def _command_line(args, overrides) -> list:
     if not args.resume:
         line.append("--no-resume")
     return line + list(overrides)
+
+
+VERB = Verb(
+    "sequential",
+    help="the forgetting benchmark: train A, then B with each way of protecting A; accuracy kept vs. gained",
+    usage="dpi-hf sequential RECIPE.yaml [--methods M ...] [--b_steps N ...] [--best_from FILE [--best_pair A->B]] "
+          "[--seeds S ...] [--no-resume] [--sequential.KEY VALUE ...] [--FIELD VALUE ...]",
+    description="For each pair [A, B] of the recipe's sequential: section and each seed: SFT on A, then from that "
+                "model SFT on B with every selected method and setting (nothing, A's core frozen, controls, EWC, "
+                "L2-SP, LoRA, WiSE-FT, core-aware interpolation, replay); held-out accuracy by the task's verifier "
+                "and NLL of both tasks after A and after B. Writes forgetting.json (every run, appended as it "
+                "finishes), results.md and pareto.png to the recipe's output_dir. Finished runs are skipped "
+                "unless --no-resume.",
+    arguments=_arguments, run=run, takes_overrides=True,
+)

@@ -7,19 +7,15 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 from dpi_hf.core.errors import DPIConfigError
-from dpi_hf.evaluation.answers import extract_final_answer as _extract
-from dpi_hf.evaluation.answers import reasoning_gym_dataset
+from dpi_hf.evaluation.answers import extract_final_answer, reasoning_gym_dataset
 from dpi_hf.evaluation.rows import column, parse_meta
 
 
-def extract_final_answer(text: str) -> str:
-    """The answer the verifier scores: :func:`dpi_hf.evaluation.answers.extract_final_answer` (the last
-    ``<answer>`` tag, else the text after the last ``Answer:`` or ``####``), else the whole completion, stripped.
-
-    Args:
-        text: a model completion.
-    """
-    return _extract(text) or (text or "").strip()
+def _verifier_answer(completion: str | None) -> str:
+    """The answer the verifier scores: :func:`~dpi_hf.evaluation.answers.extract_final_answer` (the last
+    ``<answer>`` tag, else the text after the last ``Answer:`` or ``####``), else the whole completion, stripped (a
+    model that answers without a marker still gets the verifier's judgement)."""
+    return extract_final_answer(completion) or (completion or "").strip()
 
 
 def score_reasoning_gym(answer: str | None, meta: str | Mapping[str, Any]) -> float:
@@ -49,7 +45,7 @@ def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
     ``source_dataset``) or a recipe ``{"rg_name", "rg_seed", "rg_size", "index"}`` that regenerates it with
     ``reasoning_gym.create_dataset(rg_name, size=rg_size, seed=rg_seed)[index]``. The score is the dataset's
     ``score_answer(answer=extract_final_answer(completion), entry=entry)`` in [0, 1] (partial credit where the
-    dataset gives it).
+    dataset gives it); a completion without an answer marker is scored whole.
 
     Args:
         completions: model outputs, one per row.
@@ -72,7 +68,7 @@ def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
     unparsable = 0
     for i, (completion, value) in enumerate(zip(completions, metas)):
         name, entry, score_answer = _resolve(parse_meta(value, i), i)
-        answer = extract_final_answer(completion)
+        answer = _verifier_answer(completion)
         unparsable += not answer
         scores.append(float(score_answer(answer=answer, entry=entry)))
         names.append(name)

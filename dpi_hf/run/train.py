@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.errors import DPIConfigError
+from ..artifacts import write_card_training_data
 from ..core.io import atomic_write_text
 from ..evaluation.registry import METRIC_REGISTRY, get_metric
+from ..offline import hub_model_id
 from .environment import apply_runtime
 from .model import load_model_and_tokenizer
 from .recipe import Recipe
@@ -103,6 +105,25 @@ def summary_rows(before: dict, after: dict) -> list[dict]:
             rows.append({"task": task, "metric": metric, "before": b, "after": a, "delta": delta,
                          "improved": improved})
     return rows
+
+
+def card_training_data(tasks) -> tuple[list[str], list[str]]:
+    """``(Hub dataset ids, a line for each other task)`` of a recipe's tasks, for the model card: Hub-sourced tasks
+    are named by their id; generated tasks and local files (which have none) by what they are.
+
+    Args:
+        tasks: the recipe's :class:`~dpi_hf.data.TaskSpec` list.
+    """
+    hub, other = [], []
+    for task in tasks:
+        if task.source == "hub":
+            hub.append(task.path)
+        elif task.source == "reasoning_gym":
+            other.append(f"`{task.name}`: generated with reasoning-gym (`{task.path}`, seed {task.seed}, "
+                         f"{task.max_samples} training rows)")
+        else:
+            other.append(f"`{task.name}`: local file `{Path(task.path).name}` ({task.source})")
+    return hub, other
 
 
 def format_table(rows: list[dict]) -> str:
@@ -184,6 +205,9 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
     trainer = DPITrainer(model, args=args, train_dataset=train, eval_dataset=trainer_eval, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        write_card_training_data(output_dir, *card_training_data(recipe.tasks),
+                                 base_model=hub_model_id(recipe.model.name_or_path))
     timings["train"] = time.perf_counter() - t0
 
     after: dict = {}

@@ -34,8 +34,9 @@ class DPIConfig(SFTConfig):
 
     Parameters:
         staging (`str`, defaults to `"dpi"`):
-            How tasks become stages. `"dpi"`: probe every task from θ0, group tasks whose cores overlap
-            (Jaccard ≥ `jaccard_threshold`), train the groups in stages and freeze earlier stages' cores.
+            How tasks become stages. `"dpi"`: probe every task from θ0, group tasks whose cores overlap (overlap ≥
+            `jaccard_threshold` on the matrix `overlap` names: by default the reliability-corrected overlap of the
+            split-half probes), train the groups in stages and freeze earlier stages' cores.
             `"multitask"`: one stage on the uniform mixture of all tasks (baseline 1). `"random"`:
             `num_random_stages` stages with tasks assigned at random with `seed` (baseline 2). `"given"`: the stages
             in `stage_groups` (baseline 3, "heuristic"). The three baselines do not probe or freeze unless
@@ -44,8 +45,10 @@ class DPIConfig(SFTConfig):
             p: the fraction of considered parameter elements that form a task's core region, in (0, 1]. The paper's
             main results use 1%; its ablation sweeps 0.1%–10%.
         jaccard_threshold (`float`, defaults to `0.1`):
-            τ in [0, 1]: tasks whose cores have Jaccard overlap ≥ τ are trained together (connected components).
-            The paper's text suggests 0.2–0.4, its main results use 0.1.
+            τ in [0, 1]: tasks whose cores overlap by ≥ τ are trained together (connected components), on the
+            matrix `overlap` names: by default the reliability-corrected overlap (the half-level Jaccard divided by
+            sqrt(r_a·r_b)), or the raw Jaccard of the cores with `overlap="raw"`. The paper (raw Jaccard) suggests
+            0.2–0.4 in its text, its main results use 0.1.
         core_scope (`str`, defaults to `"global"`):
             `"global"`: the top p of all considered elements (as the paper); `"per_tensor"`: the top p of each tensor.
         core_include (`list[str]` or `None`, defaults to `None`):
@@ -171,7 +174,8 @@ class DPIConfig(SFTConfig):
         default=0.01, metadata={"help": "Fraction p of parameter elements in a task's core region, in (0, 1]."}
     )
     jaccard_threshold: float = field(
-        default=0.1, metadata={"help": "Jaccard overlap τ in [0, 1] at which two tasks share a stage."}
+        default=0.1, metadata={"help": "Overlap τ in [0, 1] at which two tasks share a stage (on the matrix `overlap` "
+                                       "names: reliability-corrected by default)."}
     )
     core_scope: str = field(
         default="global",
@@ -215,7 +219,7 @@ class DPIConfig(SFTConfig):
         metadata={"help": "Measure each core's split-half reliability.", "choices": list(RELIABILITY_MODES)},
     )
     overlap: str = field(
-        default="corrected", metadata={"help": "Matrix the Jaccard threshold groups on.", "choices": list(OVERLAPS)}
+        default="corrected", metadata={"help": "Matrix jaccard_threshold groups on.", "choices": list(OVERLAPS)}
     )
     strict_reliability: bool = field(
         default=False, metadata={"help": "Error (not warning) when a task's core is not reliable."}

@@ -49,6 +49,7 @@ from ..core.fusion import TransplantMap
 from ..core.masks import CoreMask
 from ..core.planning import StagePlan
 from ..core.sharding import restore_parameters
+from ..offline import hub_model_id
 from .fusion import TRANSPLANT_FILE, FusionMixin
 from .multitask import (  # noqa: F401  (split_tasks and allocate_steps are re-exported)
     DATA_COLUMNS,
@@ -421,6 +422,8 @@ class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
         record = {
             **self._settings(),
             "run_identity": identity,
+            # the model card's base_model: a Hub id, never a local path (an offline checkpoint names its source)
+            "base_model": hub_model_id(getattr(getattr(self.model, "config", None), "_name_or_path", None)),
             "probe_cost": {"phases": len(probes), "steps": sum(r.steps for r in probes),
                            "examples": sum(r.examples for r in probes)},
         }
