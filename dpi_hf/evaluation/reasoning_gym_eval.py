@@ -63,20 +63,31 @@ def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
         raise DPIConfigError(f"completions ({len(completions)}) and dataset rows ({len(metas)}) must match")
     if not completions:
         raise DPIConfigError("completions: empty; reasoning-gym scoring needs at least one row")
-    scores: list[float] = []
-    names: list[str] = []
-    unparsable = 0
-    for i, (completion, value) in enumerate(zip(completions, metas)):
-        name, entry, score_answer = _resolve(parse_meta(value, i), i)
-        answer = _verifier_answer(completion)
-        unparsable += not answer
-        scores.append(float(score_answer(answer=answer, entry=entry)))
-        names.append(name)
+    names, scores = zip(*_scored_rows(completions, metas))
+    unparsable = sum(not _verifier_answer(c) for c in completions)
     by_dataset: dict[str, list[float]] = {}
     for name, score in zip(names, scores):
         by_dataset.setdefault(name, []).append(score)
     return {"metric": "reasoning_gym", "reasoning_gym": sum(scores) / len(scores), "n": len(scores),
             "unparsable": unparsable, "by_dataset": {k: sum(v) / len(v) for k, v in sorted(by_dataset.items())}}
+
+
+def reasoning_gym_row_scores(completions: list[str], metas: list[Any]) -> list[float]:
+    """The verifier's score of each completion, as :func:`reasoning_gym_score` scores them (the answer after the
+    final-answer marker; a completion without one scored whole).
+
+    Args:
+        completions: model outputs, one per row.
+        metas: the rows' ``meta`` values (JSON strings or dicts), in the same order.
+    """
+    return [score for _, score in _scored_rows(completions, metas)]
+
+
+def _scored_rows(completions, metas):
+    """(dataset name, score) per row."""
+    for i, (completion, value) in enumerate(zip(completions, metas)):
+        name, entry, score_answer = _resolve(parse_meta(value, i), i)
+        yield name, float(score_answer(answer=_verifier_answer(completion), entry=entry))
 
 
 def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:

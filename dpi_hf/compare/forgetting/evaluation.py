@@ -38,12 +38,12 @@ def score_rows(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int, 
     """
     from ...evaluation.generation import generate_completions
     from ...evaluation.nll import heldout_nll
-    from ...evaluation.reasoning_gym_eval import extract_final_answer, score_reasoning_gym
+    from ...evaluation.reasoning_gym_eval import reasoning_gym_row_scores
 
     model.eval()
     completions = generate_completions(model, tokenizer, list(rows["prompt"]), max_new_tokens=max_new_tokens,
                                        batch_size=batch_size)
-    scores = [score_reasoning_gym(extract_final_answer(c), meta) for c, meta in zip(completions, rows["meta"])]
+    scores = reasoning_gym_row_scores(completions, list(rows["meta"]))
     value = heldout_nll(model, tokenizer, rows, batch_size=batch_size)["nll"] if nll else None
     return {"scores": scores, "accuracy": sum(scores) / len(scores), "nll": value}
 
