@@ -280,3 +280,27 @@ def test_penalty_applies_once_per_optimizer_step_under_ddp(tmp_path, tokenizer):
                                    atol=1e-7)
     expected = 0.5 * lam * sum(float(((theta1[n] - theta_a[n]) ** 2).sum()) for n in theta1)
     assert results["l2sp"][1] == [0.0, pytest.approx(expected, rel=1e-5)]
+
+
+@pytest.mark.parametrize("method", ["l2sp", "ewc"])
+def test_decoupled_pull_keeps_the_plans_frozen_cores_bit_exact(tmp_path, tokenizer, tasks, method):
+    """In a multi-task run, stage k freezes the cores of earlier stages; the decoupled pull (after the optimizer step)
+    must not move them towards θ_A: the frozen elements after stage 2 equal those after stage 1 bit for bit."""
+    from safetensors.torch import load_file
+
+    model = tiny_llama(tokenizer)
+    _source(tmp_path, model)
+    args = dpi_args(tmp_path, output_dir=str(tmp_path / "run"), protect_cores_from=str(tmp_path / "src"),
+                    protect_method=method, protect_lambda=10.0, protect_ewc_form="decoupled", jaccard_threshold=1.0,
+                    max_steps=4, save_stage_models=True)
+    trainer = DPITrainer(model, args=args, train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]},
+                         processing_class=tokenizer)
+    trainer.train()
+    assert len(trainer.plan.stages) == 2
+    frozen = trainer.plan.frozen_before(1)
+    assert frozen is not None and frozen.count() > 0
+    before, after = (load_file(str(tmp_path / "run" / f"stage-{k}" / "model.safetensors")) for k in (0, 1))
+    for name in frozen.names():
+        idx = frozen.indices(name)
+        a, b = before[name].reshape(-1)[idx], after[name].reshape(-1)[idx]
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name

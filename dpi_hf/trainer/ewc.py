@@ -14,8 +14,10 @@ micro-batch could add it before clipping, but under DDP the order of such a hook
 specified.) The logged ``grad_norm`` is therefore that of the task's gradient only. Elements frozen by
 ``"freeze_ewc"`` have F = 0, and the freezer's restore keeps them bit-exact in any case.
 
-The decoupled form pulls at ``on_optimizer_step`` (after the step and after the freezer's restore), with each
-parameter group's learning rate of that step.
+The decoupled form pulls in a step post-hook of the (innermost) torch optimizer, with each parameter group's learning
+rate of that step: right after the step, like AdamW's weight decay, and before a :class:`FreezeMaskCallback` listed
+after this callback restores its frozen elements. That order matters in a multi-task run, where a stage freezes the
+cores of earlier stages at their values after those stages, not at θ_A: a pull after the restore would move them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import TrainerCallback
 
 from ..core.anchoring import AnchorPenalty, normalise_importance, sum_importances
 from ..core.errors import DPIConfigError
+from ..core.freezing import innermost_optimizer
 from ..core.masks import CoreMask
 from .config import IMPORTANCE_METHODS, DPIConfig
 
@@ -72,8 +75,9 @@ class AnchorCallback(TrainerCallback):
 
     Args:
         anchor: the penalty (θ_A, F, λ), built before training.
-        form: ``"loss"`` (its gradient added at ``on_pre_optimizer_step``) or ``"decoupled"`` (a pull at
-            ``on_optimizer_step``); see the module docstring for why there.
+        form: ``"loss"`` (its gradient added at ``on_pre_optimizer_step``) or ``"decoupled"`` (a pull in the
+            optimizer's step post-hook); see the module docstring for why there. List this callback before any
+            :class:`FreezeMaskCallback` of the same run, so that the freezer's restore follows the pull.
 
     The penalty's value λ/2 Σ F (θ − θ_A)² is measured at every optimizer step (at the weights the step starts from)
     and :meth:`pop_mean` returns the mean since the last call (DPITrainer logs it as ``protect_penalty``).
@@ -84,22 +88,32 @@ class AnchorCallback(TrainerCallback):
             raise DPIConfigError(f"form={form!r} is not 'loss' or 'decoupled'.")
         self.anchor, self.form = anchor, form
         self._values: list[float] = []
-        self._lr_of: dict[int, float] = {}
+        self._hook = None  # the decoupled pull's optimizer step post-hook while training
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.anchor.check_parameters(model)
         self.anchor.follow_parameters()  # the Trainer may have moved the model since θ_A was taken
         self._values = []
+        self._remove_hook()
+        if self.form == "decoupled":
+            # registered before a FreezeMaskCallback listed after this one attaches its restore: pull, then restore
+            self._hook = innermost_optimizer(optimizer).register_step_post_hook(self._pull)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hook()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.form == "loss":
             self._values.append(self.anchor.add_gradient())
 
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.form != "decoupled":
-            return
+    def _pull(self, optimizer, _args, _kwargs) -> None:
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        self._values.append(self.anchor.pull(lambda p: lr_of[id(p)] if id(p) in lr_of else 0.0))
+        self._values.append(self.anchor.pull(lambda p: lr_of.get(id(p), 0.0)))
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def pop_mean(self) -> float | None:
         """The mean penalty over the optimizer steps since the last call (None if there were none)."""

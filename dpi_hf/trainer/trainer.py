@@ -145,10 +145,11 @@ class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
             if args.protects:  # SFTTrainer plus the protection: the cores stay frozen through the whole train()
                 if self.protection is None:
                     self._load_protection(args, self.model)
-                if args.freezes_protected:
-                    self.add_callback(FreezeMaskCallback(self.protected))
+                # the anchor first: its decoupled pull must come before the freezer's restore (trainer/ewc.py)
                 if self._anchor_callback is not None:
                     self.add_callback(self._anchor_callback)
+                if args.freezes_protected:
+                    self.add_callback(FreezeMaskCallback(self.protected))
             return
 
         self._validate_multitask(args)
@@ -507,8 +508,9 @@ class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
                         100 * n_frozen / max(plan.total_elements, 1), f"{n_frozen:,}")
             data = concatenate_datasets([self._task_train[t] for t in stage]) if len(stage) > 1 else \
                 self._task_train[stage[0]]
-            callbacks = ([FreezeMaskCallback(frozen)] if n_frozen else []) + \
-                ([self._anchor_callback] if self._anchor_callback is not None else [])
+            # the anchor first: its decoupled pull must come before the freezer's restore (trainer/ewc.py)
+            callbacks = ([self._anchor_callback] if self._anchor_callback is not None else []) + \
+                ([FreezeMaskCallback(frozen)] if n_frozen else [])
             t0 = time.perf_counter()
             checkpoint = self._checkpoint_for(k, explicit, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
