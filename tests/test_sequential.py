@@ -166,6 +166,14 @@ def test_forgetting_benchmark_bad_input(capsys, tmp_path, tiny_model_dir):
     capsys.readouterr()  # the fixture's own output
     rc, _, err = _run(capsys, "sequential", path, "--sequential.grids.ewc.lambda", "[-1]")
     _assert_one_line_error(rc, err, "λ must be a number >= 0")
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.grids.ewc.lambda", "[.nan]")
+    _assert_one_line_error(rc, err, "λ must be a number >= 0")
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.b_learning_rate", ".nan")
+    _assert_one_line_error(rc, err, "must be a number > 0")
+    rc, _, err = _run(capsys, "sequential", path, "--seeds", "0", "0")  # the CLI's seeds are validated too
+    _assert_one_line_error(rc, err, "distinct integers")
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.reference_gain", "5")
+    _assert_one_line_error(rc, err, "reference_gain must be an accuracy gain in [-1, 1]")
     rc, _, err = _run(capsys, "sequential", path, "--best_pair", "sums->arith")
     _assert_one_line_error(rc, err, "give --best_from")
     rc, _, err = _run(capsys, "sequential", path, "--best_from", tmp_path / "nope.json")

@@ -49,11 +49,11 @@ def run(args, overrides) -> int:
         mine["methods"] = list(args.methods)
     if args.b_steps:
         mine["b_steps"] = list(args.b_steps)
+    if args.seeds:  # validated with the section (distinct integers)
+        mine["seeds"] = list(args.seeds)
     if args.best_pair and not args.best_from:
         raise DPIConfigError("--best_pair picks a pair of --best_from's results; give --best_from FILE too.")
     recipe, settings, raw = load_sequential_recipe(args.recipe, rest, mine)
-    if args.seeds:
-        settings.seeds = list(args.seeds)
     if args.best_from:
         path = Path(args.best_from)
         if not path.is_file():

@@ -146,8 +146,8 @@ class ForgettingSettings:
         for task in [s.control_task] + [p.control_task for p in s.pairs]:
             if task is not None and task not in task_names:
                 raise DPIConfigError(f"sequential.control_task {task!r} is not a task of the recipe ({task_names}).")
-        if not s.seeds or not all(is_int(x) for x in s.seeds):
-            raise DPIConfigError(f"sequential.seeds must be a non-empty list of integers, got {s.seeds!r}.")
+        if not s.seeds or not all(is_int(x) for x in s.seeds) or len(set(s.seeds)) != len(s.seeds):
+            raise DPIConfigError(f"sequential.seeds must be a non-empty list of distinct integers, got {s.seeds!r}.")
         s.methods = _methods(s.methods)
         unknown = [m for m in s.grids if m not in DEFAULT_GRIDS]
         if unknown:
@@ -165,8 +165,11 @@ class ForgettingSettings:
             if rate is not None:
                 _positive("learning_rate", rate)
         _fraction("reference_fraction", s.reference_fraction)
-        if s.reference_gain is not None and not isinstance(s.reference_gain, numbers.Real):
-            raise DPIConfigError(f"sequential.reference_gain must be a number or null, got {s.reference_gain!r}.")
+        if s.reference_gain is not None and (not isinstance(s.reference_gain, numbers.Real)
+                                             or isinstance(s.reference_gain, bool)
+                                             or not -1 <= s.reference_gain <= 1):
+            raise DPIConfigError(f"sequential.reference_gain must be an accuracy gain in [-1, 1] or null, got "
+                                 f"{s.reference_gain!r}.")
         return s
 
     def settings(self, method: str) -> list[Setting]:
@@ -273,7 +276,7 @@ def _check_value(method: str, key: str, v) -> None:
         if v not in ("loss", "decoupled"):
             raise DPIConfigError(f"sequential.{where}: {v!r} is not 'loss' or 'decoupled'.")
     elif key == "lambda":
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or v < 0:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not v >= 0:  # not >=: NaN too
             raise DPIConfigError(f"sequential.{where}: λ must be a number >= 0, got {v!r}.")
     elif key == "r":
         _positive_int(where, v)
@@ -297,7 +300,7 @@ def _fraction(where: str, v) -> None:
 
 
 def _positive(where: str, v) -> None:
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or v <= 0:
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not v > 0:  # not >: NaN too
         raise DPIConfigError(f"sequential.{where} must be a number > 0, got {v!r}.")
 
 
