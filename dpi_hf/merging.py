@@ -20,6 +20,7 @@ from .core.copying import independent_copy
 from .core.errors import DPIConfigError, FingerprintMismatchError
 from .core.interpolation import check_same_architecture, interpolate, lora_delta, validate_alpha
 from .core.masks import CoreMask
+from .offline import MARKER_FILE, hub_model_id
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -310,7 +311,8 @@ def merge_checkpoints(a_dir, b_dir, output_dir, alpha: float, *, cores_from=None
         index["metadata"] = {**index.get("metadata", {}), "total_size": total_size}
         (out / SAFE_INDEX).write_text(json.dumps(index, indent=2))
     for f in sorted(Path(a_dir).iterdir()):  # config, generation config, tokenizer, chat template
-        if f.is_file() and not f.name.endswith(_NOT_COPIED) and f.name not in (SAFE_INDEX, "README.md"):
+        # not the offline-conversion marker: the merge is not the converted model (its card would name that one)
+        if f.is_file() and not f.name.endswith(_NOT_COPIED) and f.name not in (SAFE_INDEX, "README.md", MARKER_FILE):
             shutil.copy2(f, out / f.name)
     write_merge_card(out, a_dir, b_dir, alpha, adapter is not None, cores_record, alpha_core)
     return out
@@ -318,27 +320,31 @@ def merge_checkpoints(a_dir, b_dir, output_dir, alpha: float, *, cores_from=None
 
 def write_merge_card(output_dir: Path, a_dir, b_dir, alpha: float, b_is_adapter: bool, cores: dict | None,
                      alpha_core: float | None) -> Path:
-    """``README.md`` of a merged checkpoint: ``base_model`` (A and B), ``base_model_relation: merge``, the weights."""
+    """``README.md`` of a merged checkpoint: ``base_model`` (the Hub ids of A and B, where they have one) with
+    ``base_model_relation: merge``, and the weights."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    def base_name(path) -> str:
+    def hub_id(path) -> str | None:
+        # a converted offline checkpoint names its Hub model; else the config's _name_or_path, if it is a Hub id
+        # (a local path never is: the Hub's model tree would point nowhere)
+        found = hub_model_id(path)
         config = Path(path) / "config.json"
-        if config.is_file():
-            name = json.loads(config.read_text()).get("_name_or_path")
-            if name and not Path(name).is_absolute():
-                return name
-        return Path(path).resolve().name
+        if found is None and config.is_file():
+            found = hub_model_id(json.loads(config.read_text()).get("_name_or_path"))
+        return found
 
-    bases = [base_name(a_dir)] + ([] if b_is_adapter else [base_name(b_dir)])
-    data = ModelCardData(base_model=bases if len(bases) > 1 else bases[0], library_name="transformers",
-                         tags=["merge", "wise-ft", "dpi-hf"])
-    data.base_model_relation = "merge"
+    bases = [hub_id(a_dir)] + ([] if b_is_adapter else [hub_id(b_dir)])
+    bases = list(dict.fromkeys(b for b in bases if b))
+    data = ModelCardData(library_name="transformers", tags=["merge", "wise-ft", "dpi-hf"])
+    if bases:
+        data.base_model = bases if len(bases) > 1 else bases[0]
+        data.base_model_relation = "merge"
     data.dpi_merge = {"alpha": alpha, "a": str(a_dir), "b": str(b_dir), "b_is_lora_adapter": b_is_adapter,
                       **({"alpha_core": alpha_core, "cores": cores} if cores else {})}
     core_line = (f" On the {cores['elements']:,} elements of the cores of {', '.join(cores['tasks'])} (from "
                  f"`{cores['source']}`), the weight of B is α_core = {alpha_core}.") if cores else ""
     text = (f"---\n{data.to_yaml()}\n---\n\n# {Path(output_dir).name}\n\n"
-            f"A weight interpolation (WiSE-FT) made with [dpi-hf](https://pypi.org/project/dpi-hf/) `merge`: "
+            f"A weight interpolation (WiSE-FT) made with dpi-hf `merge`: "
             f"θ = (1 − α) θ_A + α θ_B with α = {alpha}, A = `{a_dir}`, B = `{b_dir}`"
             f"{' (a LoRA adapter merged into A: θ_B = θ_A + scale · B@A)' if b_is_adapter else ''}.{core_line}\n")
     path = Path(output_dir) / "README.md"

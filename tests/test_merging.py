@@ -102,7 +102,9 @@ def test_merge_checkpoints_ends_exact_python_and_cli(tmp_path, tokenizer, capsys
         assert (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
         assert (d / "model.safetensors.index.json").is_file() == sharded
         card = (d / "README.md").read_text()
-        assert "base_model_relation: merge" in card and "base_model:" in card
+        # A and B are local directories with no Hub id: no base_model (a local path is never one)
+        assert "base_model" not in card and "wise-ft" in card
+        assert "pypi.org" not in card  # dpi-hf has no package page to link to
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m0")
@@ -206,3 +208,22 @@ def test_merge_models_of_a_model_trained_by_sft_trainer_uses_the_merged_weights(
     with torch.no_grad():
         assert torch.equal(merged(x).logits, model_b(x).logits)
         assert not torch.equal(merged(x).logits, model_a(x).logits)
+
+
+def test_merge_card_names_the_hub_ids_of_a_and_b(tmp_path, tokenizer):
+    """base_model lists the Hub ids A and B have (a converted offline checkpoint names its Hub model), never a
+    local path; the relation is a merge."""
+    import yaml
+
+    from dpi_hf.offline import MARKER_FILE
+
+    a, b = _pair(tokenizer)
+    a.save_pretrained(tmp_path / "A")
+    b.save_pretrained(tmp_path / "B")
+    (tmp_path / "A" / MARKER_FILE).write_text(json.dumps({"name": "smollm2-135m-instruct"}))
+    merge_checkpoints(tmp_path / "A", tmp_path / "B", tmp_path / "m", 0.5, log=lambda _: None)
+    meta = yaml.safe_load((tmp_path / "m" / "README.md").read_text().split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # B, a local directory, has no Hub id
+    assert meta["base_model_relation"] == "merge"
+    assert meta["dpi_merge"]["alpha"] == 0.5 and meta["dpi_merge"]["b"] == str(tmp_path / "B")
+    assert not (tmp_path / "m" / MARKER_FILE).exists()  # the merge is not the converted model itself
