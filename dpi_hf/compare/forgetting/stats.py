@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Bootstrap", "Interval", "matched_forgetting", "pareto_front", "choose_settings", "interpolate_at"]
+__all__ = ["Bootstrap", "Interval", "matched_forgetting", "percentile_interval", "pareto_front", "choose_settings",
+           "interpolate_at"]
 
 LEVEL = 0.95
 
@@ -66,11 +67,12 @@ class Bootstrap:
     def interval(self, role: str, values: dict[int, np.ndarray]) -> Interval:
         """Mean over seeds of the per-seed mean of ``values``, with its bootstrap interval."""
         point = float(np.mean([np.mean(values[s]) for s in self.seeds]))
-        lo, hi = _percentiles(self.replicates(role, values))
+        lo, hi = percentile_interval(self.replicates(role, values))
         return Interval(point, lo, hi, len(self.seeds))
 
 
-def _percentiles(reps: np.ndarray) -> tuple[float, float]:
+def percentile_interval(reps: np.ndarray) -> tuple[float, float]:
+    """The central :data:`LEVEL` interval (e.g. 2.5th and 97.5th percentiles) of bootstrap replicates."""
     tail = 100 * (1 - LEVEL) / 2
     lo, hi = np.percentile(reps, [tail, 100 - tail])
     return float(lo), float(hi)
@@ -109,7 +111,7 @@ def matched_forgetting(gains: np.ndarray, forgettings: np.ndarray, reference: np
     replicates = np.array([np.nan if v is None else v for v in values], dtype=float)
     defined = replicates[np.isfinite(replicates)]
     share = len(defined) / max(len(values), 1)
-    lo, hi = _percentiles(defined) if share >= LEVEL and len(defined) else (None, None)
+    lo, hi = percentile_interval(defined) if share >= LEVEL and len(defined) else (None, None)
     return {"forgetting": point, "lo": lo, "hi": hi, "defined": share, "replicates": replicates}
 
 

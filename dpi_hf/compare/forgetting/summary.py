@@ -20,7 +20,7 @@ import statistics
 
 import numpy as np
 
-from .stats import Bootstrap, Interval, choose_settings, matched_forgetting, pareto_front
+from .stats import Bootstrap, Interval, choose_settings, matched_forgetting, pareto_front, percentile_interval
 
 __all__ = ["summarize", "group_key"]
 
@@ -149,7 +149,7 @@ def _lines(settings: dict, replicates: dict, reference_gain: float | None) -> di
                 finite = diff[np.isfinite(diff)]
                 matched["vs_none"] = None
                 if matched["lo"] is not None and len(finite):
-                    lo, hi = np.percentile(finite, [2.5, 97.5])
+                    lo, hi = percentile_interval(finite)
                     matched["vs_none"] = Interval(matched["forgetting"] - float(none[1][0]), float(lo), float(hi),
                                                   len(settings["none"]["seeds"])).to_dict()
             entry["matched"] = matched
