@@ -304,3 +304,34 @@ def test_decoupled_pull_keeps_the_plans_frozen_cores_bit_exact(tmp_path, tokeniz
         idx = frozen.indices(name)
         a, b = before[name].reshape(-1)[idx], after[name].reshape(-1)[idx]
         assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+
+
+@pytest.mark.parametrize("engine", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_anchor_under_a_sharding_engine_is_refused_when_the_trainer_is_built(tmp_path, tokenizer, tasks, monkeypatch,
+                                                                              engine):
+    """EWC / L2-SP keep whole θ_A and F tensors: under FSDP or DeepSpeed the trainer refuses them at construction
+    (a single dataset and a multi-task run alike), not when a stage starts after the probes."""
+    from transformers import Trainer
+
+    original = Trainer.__init__
+
+    def sharded_init(self, *args, **kwargs):  # what accelerate sets under an FSDP / DeepSpeed launch config
+        original(self, *args, **kwargs)
+        setattr(self, engine, True)
+
+    model = tiny_llama(tokenizer)
+    _source(tmp_path, model)
+    monkeypatch.setattr(Trainer, "__init__", sharded_init)
+    protect = dict(protect_cores_from=str(tmp_path / "src"), protect_method="l2sp", protect_lambda=1.0)
+    with pytest.raises(DPIConfigError, match="protect_method='l2sp' is not supported under FSDP or DeepSpeed"):
+        DPITrainer(model, args=dpi_args(tmp_path, output_dir=str(tmp_path / "one"), **protect),
+                   train_dataset=tasks["rev"], processing_class=tokenizer)
+    if engine == "is_fsdp_enabled":  # (a multi-task run under DeepSpeed has its own refusal first)
+        with pytest.raises(DPIConfigError, match="not supported under FSDP or DeepSpeed"):
+            DPITrainer(model, args=dpi_args(tmp_path, output_dir=str(tmp_path / "multi"), **protect),
+                       train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]}, processing_class=tokenizer)
+    assert not (tmp_path / "one" / "dpi").exists() and not (tmp_path / "multi" / "dpi").exists()
+    if engine == "is_fsdp_enabled":  # freezing alone is accepted under FSDP (the freezer works on local shards)
+        DPITrainer(model, args=dpi_args(tmp_path, output_dir=str(tmp_path / "freeze"),
+                                        protect_cores_from=str(tmp_path / "src")),
+                   train_dataset={"rev": tasks["rev"], "upper": tasks["upper"]}, processing_class=tokenizer)

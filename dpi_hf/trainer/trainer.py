@@ -142,6 +142,7 @@ class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
         if self.tasks is None:
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, **kwargs)
+            self._refuse_sharded_anchor(args)
             if args.protects:  # SFTTrainer plus the protection: the cores stay frozen through the whole train()
                 if self.protection is None:
                     self._load_protection(args, self.model)
@@ -171,6 +172,7 @@ class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
                 "before the probe signals and the freeze can act. Shard with FSDP2 instead (`accelerate launch "
                 "--config_file recipes/accelerate/fsdp2.yaml`), or run under DDP (docs/distributed.md)."
             )
+        self._refuse_sharded_anchor(args)
         if getattr(self, "is_fsdp_enabled", False) and args.fusion == "cpi":
             # the fusion reads whole probe models on rank 0
             raise DPIConfigError(
@@ -182,6 +184,16 @@ class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
             self._preloaded_cores = self._load_masks(args, self.model)
         if args.protects and self.protection is None:
             self._load_protection(args, self.model)
+
+    def _refuse_sharded_anchor(self, args: DPIConfig) -> None:
+        # the EWC / L2-SP anchor keeps whole θ_A and F tensors: under FSDP it would only fail when a stage (after the
+        # probes) or the training starts, so refuse now
+        if args.anchors and (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
+            raise DPIConfigError(
+                f"protect_method={args.protect_method!r} is not supported under FSDP or DeepSpeed (its anchor θ_A "
+                "and importance F are whole, unsharded tensors); run it in one process or under DDP, or protect "
+                "with protect_method='freeze'."
+            )
 
     def _load_protection(self, args: DPIConfig, model) -> None:
         # now, before any probe or step: a wrong artifact, an unknown task or masks of other weights fail at once
