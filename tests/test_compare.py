@@ -11,13 +11,12 @@ import torch
 import yaml
 
 from conftest import FIXTURE_DATA, tiny_llama
+from dpi_hf.cli.compare import add_compare_parser, compare_command
+from dpi_hf.cli.sweep import add_sweep_parser
 from dpi_hf.compare import (
     DEFAULT_METHODS,
     METHODS,
     EvalSettings,
-    add_compare_parser,
-    add_sweep_parser,
-    compare_command,
     load_compare_recipe,
     run_comparison,
     run_sweep,

@@ -383,3 +383,77 @@ def test_hub_multiple_choice_mapping(monkeypatch):
     bad = TaskSpec("logiqa", "hub", "x/y", columns={"prompt": "context", "options": "options"})
     with pytest.raises(DPIConfigError, match="needs columns prompt, options and answer"):
         load_task(bad)
+
+
+# --- held-out rows from another generator seed, validation split ------------------------------------------------------
+
+_SMALL_SUMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # 200 questions: repeats are common
+
+
+def _questions(rows):
+    return [r["prompt"][-1]["content"].rsplit("\n\n", 1)[0] for r in rows]  # the question, without the instruction
+
+
+def test_eval_seed_draws_heldout_rows_from_another_seed_without_training_questions():
+    spec = TaskSpec("sums", "reasoning_gym", "chain_sum", max_samples=80, eval_samples=20, validation_samples=10,
+                    seed=3, eval_seed=1003, kwargs=_SMALL_SUMS)
+    report = {}
+    dd = load_task(spec, report)
+    assert (len(dd["train"]), len(dd["eval"]), len(dd["validation"])) == (80, 20, 10)
+    train, held, validation = (set(_questions(dd[s])) for s in ("train", "eval", "validation"))
+    assert not held & train and not validation & (train | held)
+    # the count dropped is exactly the scanned held-out entries that repeat a training (or, for validation, an
+    # eval) question: regenerate the prefix the loader scanned and count them by hand
+    import reasoning_gym
+
+    gen = reasoning_gym.create_dataset("chain_sum", size=report["eval_generated"], seed=1003, **_SMALL_SUMS)
+    kept_eval = [json.loads(r["meta"])["index"] for r in dd["eval"]]
+    kept_validation = [json.loads(r["meta"])["index"] for r in dd["validation"]]
+    eval_dups = sum(gen[i]["question"] in train for i in range(kept_eval[-1] + 1))
+    validation_dups = sum(gen[i]["question"] in train | held for i in range(kept_eval[-1] + 1, kept_validation[-1] + 1))
+    assert report["eval_duplicates_dropped"] == eval_dups > 0
+    assert report["validation_duplicates_dropped"] == validation_dups
+    for row in dd["eval"]:  # the verifier finds each kept entry again from the recipe in its meta
+        meta = json.loads(row["meta"])
+        assert meta["rg_seed"] == 1003 and score_reasoning_gym(row["reference"], meta) == 1.0
+    assert load_task(spec)["eval"]["prompt"] == dd["eval"]["prompt"]  # deterministic
+
+
+def test_eval_seed_rows_change_with_the_seeds_and_none_dropped_when_nothing_repeats():
+    base = dict(name="sums", source="reasoning_gym", path="chain_sum", max_samples=8, eval_samples=4)
+    report = {}
+    dd = load_task(TaskSpec(**base, seed=0, eval_seed=100), report)
+    assert report["eval_duplicates_dropped"] == 0 and "validation" not in dd
+    other = load_task(TaskSpec(**base, seed=1, eval_seed=101))
+    assert _questions(other["train"]) != _questions(dd["train"]) and _questions(other["eval"]) != _questions(dd["eval"])
+
+
+def test_eval_seed_gives_up_on_a_generator_that_only_repeats():
+    spec = TaskSpec("sums", "reasoning_gym", "chain_sum", max_samples=2000, eval_samples=5, seed=0,
+                    eval_seed=1, kwargs=_SMALL_SUMS)  # 2000 draws of 200 questions: every one is a training question
+    with pytest.raises(DPIConfigError, match="repeats its training questions"):
+        load_task(spec)
+
+
+def test_validation_split_is_disjoint_and_leaves_the_eval_split_unchanged(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": str(i)}) + "\n" for i in range(50)))
+    spec = dict(name="t", source="prompt_completion", path=str(path), eval_samples=10, seed=3)
+    plain = load_task(spec)
+    dd = load_task({**spec, "validation_samples": 5})
+    assert dd["eval"]["reference"] == plain["eval"]["reference"]
+    splits = [set(dd[s]["reference"]) for s in ("train", "eval", "validation")]
+    assert [len(s) for s in splits] == [35, 10, 5] and not (splits[0] & splits[1] or splits[0] & splits[2])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "t", "source": "alpaca_json", "path": "x", "eval_seed": 2, "eval_samples": 2}, "only reasoning_gym"),
+    ({"name": "t", "source": "reasoning_gym", "path": "chain_sum", "max_samples": 2, "eval_samples": 2,
+      "eval_seed": 0}, "eval_seed must be an integer other than seed"),
+    ({"name": "t", "source": "reasoning_gym", "path": "chain_sum", "max_samples": 2, "eval_seed": 5},
+     "no row is held out"),
+    ({"name": "t", "path": "a/b", "validation_samples": -1}, "validation_samples must be an integer >= 0"),
+])
+def test_heldout_spec_validation(spec, message):
+    with pytest.raises(DPIConfigError, match=message):
+        TaskSpec.from_dict(spec)

@@ -27,8 +27,7 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 # recipes that read local copies of the datasets from ${data_dir}, and their Hub twins
 LOCAL_RECIPES = sorted(p for p in RECIPES if "${data_dir}" in p.read_text())
 HUB_TWINS = {"smollm2-cpu-local.yaml": "smollm2-cpu-hub.yaml",
-             "compare-smollm2-cpu.yaml": "compare-smollm2-cpu-hub.yaml",
-             "sequential-smollm2-cpu.yaml": "sequential-smollm2-cpu-hub.yaml"}
+             "compare-smollm2-cpu.yaml": "compare-smollm2-cpu-hub.yaml"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,7 +57,7 @@ def _validate(path: Path):
     if raw_text.get("bf16"):
         overrides["use_cpu"] = True
     if "sequential" in raw_text:
-        from dpi_hf.compare.sequential import load_sequential_recipe
+        from dpi_hf.compare.forgetting import load_sequential_recipe
 
         return load_sequential_recipe(path, overrides)[0]
     if "compare" in raw_text or "sweep" in raw_text:
@@ -289,10 +288,6 @@ def test_local_recipe_without_its_data_folder_is_one_error_naming_data_dir(path,
 
 def _validate_without_data(path: Path, overrides: dict):
     raw = yaml.safe_load(path.read_text())
-    if "sequential" in raw:
-        from dpi_hf.compare.sequential import load_sequential_recipe
-
-        return load_sequential_recipe(path, overrides)
     if "compare" in raw:
         from dpi_hf.compare import load_compare_recipe
 
@@ -310,7 +305,7 @@ def test_hub_twin_is_the_local_recipe_with_hub_sources(local_name):
     twin = read_recipe(ROOT / "recipes" / HUB_TWINS[local_name])
     assert twin.pop("output_dir") != local.pop("output_dir")
     local_tasks, twin_tasks = local.pop("tasks"), twin.pop("tasks")
-    assert twin == local  # model, eval, runtime, compare/sweep/sequential and every training field
+    assert twin == local  # model, eval, runtime, compare/sweep and every training field
     assert [t["name"] for t in twin_tasks] == [t["name"] for t in local_tasks]
     for mine, theirs in zip(twin_tasks, local_tasks):
         assert mine["source"] == "hub" and HUB_ID.match(mine["path"])

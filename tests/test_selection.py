@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from dpi_hf.core import selection
 from dpi_hf.core.errors import DPIConfigError, ProbeDivergedError
 from dpi_hf.core.masks import CoreMask
-from dpi_hf.core.selection import UpdateMagnitudes, filter_parameter_names, select_core, update_magnitudes
+from dpi_hf.core.selection import filter_parameter_names, select_core
+from dpi_hf.core.signals import UpdateMagnitudes, update_magnitudes
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,8 @@ from .freezing import ParameterFreezer
 from .fusion import TransplantMap, fuse_models, slerp
 from .masks import CoreMask
 from .planning import StagePlan, plan_stages
-from .selection import select_core, update_magnitudes
+from .selection import select_core
+from .signals import update_magnitudes
 from .sharding import engine_memory_per_rank, restore_parameters, snapshot_parameters
 from .storage import load_cores, read_cores_metadata, save_cores
 

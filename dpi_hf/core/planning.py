@@ -1,7 +1,10 @@
 """Stage planning: overlap of core regions, task groups and the order of stages.
 
-* Overlap: J(Ci, Cj) = |Ci ∩ Cj| / |Ci ∪ Cj|.
-* Groups: an edge i—j when J ≥ τ; the groups are the connected components of that graph.
+* Overlap: the raw Jaccard J(Ci, Cj) = |Ci ∩ Cj| / |Ci ∪ Cj| (``overlap="raw"``), or the reliability-corrected
+  overlap of the split-half probes, the half-level Jaccard divided by sqrt(r_i·r_j) (``overlap="corrected"``,
+  DPIConfig's default; :mod:`dpi_hf.core.reliability`). ``plan_stages`` defaults to ``"raw"``, which needs no
+  reliability report.
+* Groups: an edge i—j when the overlap ≥ τ; the groups are the connected components of that graph.
 * Stages: the groups in an order (``given``, ``largest_first``, ``random``); stage k freezes
   F_k = ∪_{j<k} ∪_{i∈G_j} C_i.
 """
@@ -298,8 +301,9 @@ def plan_stages(
 
     Args:
         cores: task name → its core region; iteration order is the "given" order.
-        jaccard_threshold: τ in [0, 1] (default 0.1, the paper's main setting); tasks i, j share a group when
-            J(Ci, Cj) ≥ τ (through connected components). τ = 0 puts every task in one group.
+        jaccard_threshold: τ in [0, 1] (default 0.1, the paper's main setting); tasks i, j share a group when their
+            overlap (the matrix ``overlap`` names) is ≥ τ (through connected components). τ = 0 puts every task in
+            one group.
         order: stage order: ``"given"`` (default), ``"largest_first"`` or ``"random"`` (see :func:`order_groups`).
         seed: seed for ``order="random"`` (default 0).
         tasks: restrict/reorder to these task names (default: all of ``cores``); unknown names are an error.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .errors import DPIConfigError
 from .masks import CoreMask
-from .signals import GRADIENT_SIGNALS
+from .signals import SIGNAL_REGISTRY
 
 # A core is called reliable when its split-half Jaccard is at least this many times the random level ...
 RANDOM_FACTOR = 2.0
@@ -79,11 +79,10 @@ class ReliabilityReport:
 
 
 def _probe_fix(signal: str | None) -> str:
-    """What to change when a core is unreliable: a gradient signal is already the steadier one, so the fix for it is
-    more probe data; the update signal (or an unknown one) also gets the gradient signal as an option."""
-    if signal in GRADIENT_SIGNALS:
-        return "lengthen the probe (probe_steps) or give it more rows (probe_batch_size)"
-    return "lengthen the probe (probe_steps) or use core_signal='fisher'"
+    """What to change when a core is unreliable: the signal's own advice (:attr:`Signal.unreliable_fix`: more probe
+    data for a gradient signal, which is already the steadier one; the update signal also gets the default gradient
+    signal as an option); an unknown or unnamed signal gets the update signal's."""
+    return SIGNAL_REGISTRY.get(signal, SIGNAL_REGISTRY["update"]).unreliable_fix
 
 
 def _diagnose(tasks, r, half, random_level, signal: str | None = None) -> dict[str, str]:
@@ -116,7 +115,7 @@ def reliability_report(
         half_cores: task → (core of half 1, core of half 2), all over the same parameters.
         core_fraction: p of the cores (for the random level).
         tasks: task order of the matrices (default: the order of ``half_cores``).
-        signal: the importance signal the cores come from (``"update"``, ``"fisher"``, ``"gradsum"``); it decides
+        signal: the importance signal the cores come from (a name in ``SIGNAL_REGISTRY``, e.g. ``"fisher"``); it decides
             which fix the warnings about unreliable tasks suggest (default None: the update signal's).
     """
     tasks = list(tasks) if tasks is not None else list(half_cores)

@@ -2,10 +2,11 @@
 
 - :mod:`.config` — :class:`DPIConfig` (``SFTConfig`` plus the DPI fields);
 - :mod:`.trainer` — :class:`DPITrainer` (``SFTTrainer``: probes → plan → stages);
+- :mod:`.probing` — the trainer's probes, core selection, reliability report and stage plan (a mixin);
 - :mod:`.callbacks` — :class:`CoreProbeCallback`, :class:`FreezeMaskCallback` (usable in any ``Trainer``);
 - :mod:`.phases` — :class:`PhaseRecord` (what each probe and stage trained on);
 - :mod:`.protection` — :func:`probe_cores` (the cores of a model's existing skills, for ``protect_cores_from``);
-- :mod:`.fusion` — ``fusion="cpi"`` run glue (probe models kept, fused backbone before the stages);
+- :mod:`.fusion` — ``fusion="cpi"`` run glue (probe models kept, fused backbone before the stages; a mixin);
 - :mod:`.multitask` — task splitting, split halves, mixtures and step allocation;
 - :mod:`.run_state` — run identity, resume and protection sources.
 

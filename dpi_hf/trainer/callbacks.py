@@ -1,7 +1,7 @@
 """The two halves of DPI as ordinary `transformers.TrainerCallback`s, usable in any HF `Trainer`.
 
-* :class:`CoreProbeCallback` — turn a training run into a probe: remember θ0 when training begins, and when it ends
-  select the core region (the top p of |θ − θ0|).
+* :class:`CoreProbeCallback` — turn a training run into a probe: read its importance signal (Σg² by default, or
+  |θ − θ0| from a θ0 copy taken when training begins), and when it ends select the core region (the top p).
 * :class:`FreezeMaskCallback` — keep a set of parameter elements bit-identical through training (grad-zero hooks +
   post-step restore, see :class:`dpi_hf.core.ParameterFreezer`).
 
@@ -23,14 +23,16 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from ..core import CoreMask, ParameterFreezer, model_fingerprint, save_cores, select_core, update_magnitudes
+from ..core import CoreMask, ParameterFreezer, model_fingerprint, save_cores, select_core
 from ..core.errors import DPIConfigError
 from ..core.selection import validate_core_fraction, validate_scope
 from ..core.sharding import snapshot_parameters  # noqa: F401  (re-exported: θ0 copies, local shards only)
 from ..core.signals import (
-    GRADIENT_SIGNALS,
+    DEFAULT_SIGNAL,
     ImportanceAccumulator,
     cpu_copy,
+    get_signal,
+    gradient_signals,
     threshold_ties,
     tie_warning,
     validate_signal,
@@ -47,24 +49,26 @@ class CoreProbeCallback(TrainerCallback):
         scope: ``"global"`` (default) or ``"per_tensor"``.
         include: parameter-name patterns to consider (default None: every trainable parameter).
         exclude: parameter-name patterns to leave out (default None).
-        reference: θ0 for ``signal="update"`` (unused by the gradient signals) — a mapping of parameter name → tensor on the CPU, or a path to a
-            safetensors file/checkpoint directory. Default None: a CPU copy of the trainable parameters is taken when
-            training begins. Gradient signals need no reference.
+        reference: θ0 for a weight signal such as ``signal="update"`` — a mapping of parameter name → tensor on the
+            CPU, or a path to a safetensors file/checkpoint directory. Default None: a CPU copy of the trainable
+            parameters is taken when training begins. Gradient signals need no reference.
         task_name: the task's name, used as the key when saving (default ``"task"``).
         save_path: if given, the core is saved there with :func:`dpi_hf.save_cores` as soon as it is selected (by the
             main process only).
-        signal: the importance that ranks elements (default ``"fisher"``, as DPIConfig's ``core_signal``):
-            ``"update"`` = |θ − θ0| at the end of training (the paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g|
-            over the optimizer steps, read from
-            the gradients at ``on_pre_optimizer_step`` (after accumulation and the DDP all-reduce; after clipping
-            when ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
+        signal: the importance that ranks elements, a name in :data:`dpi_hf.core.signals.SIGNAL_REGISTRY` (default
+            ``"fisher"``, as DPIConfig's ``core_signal``): ``"update"`` = |θ − θ0| at the end of training (the
+            paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from the gradients at
+            ``on_pre_optimizer_step`` (after accumulation and the DDP all-reduce; after clipping when
+            ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
         keep_importance: keep a float32 CPU copy of the importance in :attr:`importance` after training (default
             False), e.g. to pool the importance of several probes.
         update_weights: let the optimizer step (default True). False (gradient signals only): the gradients are
             accumulated and then dropped before every optimizer step, so the run reads the importance at the current
             weights and never moves them (the optimizer skips parameters without a gradient, weight decay included).
 
-    After training, :attr:`core` holds the :class:`CoreMask` and :attr:`ties` the threshold tie report (see
+    After training, :attr:`core` holds the :class:`CoreMask`, :attr:`batches` the number of optimizer steps the
+    importance was accumulated over (the divisor of its mean, as stored in ``dpi/importance.safetensors``), and
+    :attr:`ties` the threshold tie report (see
     :func:`dpi_hf.core.signals.threshold_ties`); a warning is logged when the threshold falls among exact zeros or
     inside a large block of tied values.
     """
@@ -78,7 +82,7 @@ class CoreProbeCallback(TrainerCallback):
         reference=None,
         task_name: str = "task",
         save_path=None,
-        signal: str = "fisher",
+        signal: str = DEFAULT_SIGNAL,
         keep_importance: bool = False,
         update_weights: bool = True,
     ):
@@ -92,19 +96,22 @@ class CoreProbeCallback(TrainerCallback):
         self.task_name = task_name
         self.save_path = save_path
         self.keep_importance = keep_importance
-        if not update_weights and self.signal not in GRADIENT_SIGNALS:
+        spec = get_signal(self.signal)
+        if not update_weights and spec.needs_steps:
             raise DPIConfigError(
-                f"update_weights=False takes no optimizer step, so signal={self.signal!r} (|θ − θ0|) would be zero "
-                "everywhere; use signal='fisher' or 'gradsum', or update_weights=True."
+                f"update_weights=False takes no optimizer step, so signal={self.signal!r} ({spec.formula}) would be "
+                f"zero everywhere; use a gradient signal ({' or '.join(map(repr, gradient_signals()))}), or "
+                "update_weights=True."
             )
         self.update_weights = update_weights
         self.core: CoreMask | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.ties: dict | None = None
+        self.batches: int | None = None
         self._accumulator: ImportanceAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.signal in GRADIENT_SIGNALS:
+        if get_signal(self.signal).reads_gradients:
             if getattr(args, "fp16", False):
                 raise DPIConfigError(
                     f"signal={self.signal!r} reads the gradients at on_pre_optimizer_step, where fp16 loss scaling "
@@ -129,6 +136,7 @@ class CoreProbeCallback(TrainerCallback):
                 p.grad = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.batches = self._accumulator.steps if self._accumulator is not None else state.global_step
         self.core = self.select(model)
         if self.save_path is not None:
             fingerprint = model_fingerprint(model)  # on every rank: sharded tensors are read with collectives
@@ -149,13 +157,14 @@ class CoreProbeCallback(TrainerCallback):
 
     def importance_of(self, model: torch.nn.Module):
         """The importance mapping (name → non-negative tensor) of ``model`` for this callback's signal."""
-        if self.signal in GRADIENT_SIGNALS:
+        spec = get_signal(self.signal)
+        if spec.reads_gradients:
             if self._accumulator is None:
                 raise DPIConfigError(f"CoreProbeCallback({self.signal!r}) has accumulated nothing: training never began.")
             return self._accumulator.importance()
         if self.reference is None:
             raise DPIConfigError("CoreProbeCallback has no reference θ0: training never began.")
-        return update_magnitudes(model, self.reference, include=self.include, exclude=self.exclude)
+        return spec.from_weights(model, self.reference, include=self.include, exclude=self.exclude)
 
     def select(self, model: torch.nn.Module) -> CoreMask:
         """The core of ``model``'s probe: the top p of the importance."""

@@ -102,3 +102,35 @@ def fuse_plan(model: torch.nn.Module, plan: StagePlan, cores: dict[str, CoreMask
     atomic_save_file(fused, Path(runs_dir) / FUSED_FILE)
     logger.info("DPI: fused %d groups (%s)", len(plan.stages), tmap)
     return tmap
+
+
+class FusionMixin:
+    """DPITrainer's ``fusion="cpi"`` steps: whether the probe models are kept, and the fused start of the stages.
+
+    Mixed into :class:`~dpi_hf.trainer.trainer.DPITrainer`; uses its ``args``, ``tasks``, ``_halves``, ``_restore``,
+    ``_runs_dir``, ``_dpi_dir``, ``protected`` and ``save_model``.
+    """
+
+    @property
+    def _fuses(self) -> bool:
+        # probe() trains no stage, so nothing would use the probe models: keep none (a model's size each on disk)
+        return self.args.fusion == "cpi" and getattr(self, "_stages_follow", True)
+
+    def _fuse(self, plan: StagePlan, cores) -> dict:
+        """Start the stages from the CPI-FT fusion of the probe models (fused now, or reloaded on resume); returns
+        the transplant summary for the card."""
+        fused_path = self._runs_dir / FUSED_FILE
+        if fused_path.is_file():
+            logger.info("DPI: fusion already done (%s)", fused_path)
+        else:
+            members = {t: [(probe_model_path(self._runs_dir, t, h + 1 if len(parts) > 1 else None), len(part))
+                           for h, part in enumerate(parts)] for t, parts in ((t, self._halves(t)) for t in self.tasks)}
+            if self.is_world_process_zero():
+                fuse_plan(self.model, plan, cores, members, self._runs_dir, self._dpi_dir, self.args.fusion_factor,
+                          keep=self.protected)
+            self.accelerator.wait_for_everyone()
+        self._restore(load_file(str(fused_path)))  # every rank: the same file, so the same weights
+        kill_point("after-fusion")
+        if self.args.save_stage_models:  # every rank: save_model synchronises the processes itself
+            self.save_model(str(Path(self._base_output_dir) / FUSED_MODEL_DIR))
+        return TransplantMap.read_summary(self._dpi_dir / TRANSPLANT_FILE)

@@ -75,8 +75,19 @@ def digest_local(model):
 
 
 def same_mask(a, b):
+    """Whether two global masks are equal; for a ShardedCoreMask ``a`` (every rank calls this): whether this rank
+    holds exactly ``b``'s elements of its rows with ``b``'s counts, and (on rank 0) whether ``a.gather()`` is ``b``."""
+    if hasattr(a, "gather"):
+        gathered = a.gather()
+        local = a.names() == b.names() and a.count() == b.count() and all(
+            torch.equal(a.indices(n), _in_range(b.indices(n), *a.local_range(n))) for n in a.names())
+        return local and (gathered is None or same_mask(gathered, b))
     return a.names() == b.names() and all(
         a.shape(n) == b.shape(n) and torch.equal(a.indices(n).long(), b.indices(n).long()) for n in a.names())
+
+
+def _in_range(idx, lo, hi):
+    return idx[(idx >= lo) & (idx < hi)]
 
 
 def single(out):
@@ -169,6 +180,7 @@ def distributed(mode, out, kill_at, resume):
         core_gathered = select_core(gathered, P)
         core_per_tensor = select_core(magnitudes, P, scope="per_tensor")
         report.update(theta0_bytes=theta0_bytes, full_bytes=full_bytes, count=core.count(),
+                      local_count=core.local_count(),
                       same_as_gathered=same_mask(core, core_gathered),
                       same_as_one_process=same_mask(core, core_1p),
                       per_tensor_same_as_gathered=same_mask(core_per_tensor, select_core(gathered, P,
