@@ -262,7 +262,7 @@ def test_penalty_applies_once_per_optimizer_step_under_ddp(tmp_path, tokenizer):
     _source(tmp_path, tiny_llama(tokenizer), importance=False)
     lr, lam = 0.05, 3.0
     results = {}
-    for name, extra in (("one", ["--steps", "1"]), ("two", ["--steps", "2"]),
+    for name, extra in (("two", ["--steps", "2"]),  # plain: the weights after step 1 and step 2 of one run
                         ("l2sp", ["--steps", "2", "--method", "l2sp", "--lam", str(lam)]),
                         ("dec", ["--steps", "1", "--method", "l2sp", "--lam", str(lam), "--form", "decoupled"])):
         r = _torchrun("run_protect.py", str(tmp_path / name), str(tmp_path / "src"), *extra)
@@ -273,7 +273,8 @@ def test_penalty_applies_once_per_optimizer_step_under_ddp(tmp_path, tokenizer):
         for n in ranks[0]:
             assert torch.equal(ranks[0][n], ranks[1][n]), (name, n)
         results[name] = (ranks[0], logs[0]["penalties"])
-    theta1, theta2 = results["one"][0], results["two"][0]
+    theta1, theta2 = load_file(str(tmp_path / "two.rank0.step1.safetensors")), results["two"][0]
+    assert all(torch.equal(theta2[n], load_file(str(tmp_path / "two.rank0.step2.safetensors"))[n]) for n in theta2)
     for n, t in results["l2sp"][0].items():
         torch.testing.assert_close(t, theta2[n] - lr * lam * (theta1[n] - theta_a[n]), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(results["dec"][0][n], theta1[n] - lr * lam * (theta1[n] - theta_a[n]), rtol=1e-5,

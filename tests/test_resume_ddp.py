@@ -175,8 +175,7 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path, reference):
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes(tmp_path, reference):
-    ref_out, ref = reference
+def test_ddp_two_processes(tmp_path):
     out = tmp_path / "run"
     r = run(str(out), "--report", str(tmp_path / "rep"), torchrun=True)
     assert r.returncode == 0, r.stderr[-4000:]
