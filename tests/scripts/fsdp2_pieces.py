@@ -23,22 +23,16 @@ from dpi_hf.core import ParameterFreezer, plan_stages, restore_parameters, selec
 from dpi_hf.core import load_cores, save_cores
 from dpi_hf.core.signals import ImportanceAccumulator
 
+import fsdp2_probe  # the same tiny Llama and batches (this script's folder is on sys.path when it runs)
+
 PROBE_STEPS, STAGE_STEPS, P = 3, 4, 0.02
 
 
 def build_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg)
+    return fsdp2_probe.build_model(tie_word_embeddings=True)  # tied: one tensor shared by two modules (as Llama-3.2-1B)
 
 
-def batch(step, task):
-    g = torch.Generator().manual_seed(1000 * task + step)
-    return torch.randint(0, 512, (4, 16), generator=g)
+batch = fsdp2_probe.batch
 
 
 def train(model, steps, task, before_step=None, freezer_mask=None):

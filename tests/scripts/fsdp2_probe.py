@@ -28,20 +28,21 @@ from dpi_hf.core import update_magnitudes
 STEPS_PROBE, STEPS_STAGE, P = 3, 6, 0.02
 
 
-def build_model():
+def build_model(tie_word_embeddings=False):
+    """The tiny Llama of the FSDP2 scripts (fsdp2_pieces.py uses it with tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(cfg)
 
 
 def batch(step, task):
+    """Seeded token ids (4 rows of 16) for ``step`` of ``task``: the same on every rank and in one process."""
     g = torch.Generator().manual_seed(1000 * task + step)
-    ids = torch.randint(0, 512, (4, 16), generator=g)
-    return ids
+    return torch.randint(0, 512, (4, 16), generator=g)
 
 
 def train(model, steps, task, opt, start=0, after_step=None):
