@@ -1,6 +1,7 @@
 """Are the cores reliable? Split-half reliability and cross-task overlap against probe length, for every signal.
 
-    python benchmarks/reliability_sweep.py recipes/compare-smollm2-cpu.yaml --steps 4 16 64 --out runs/reliability
+    python benchmarks/reliability_sweep.py recipes/compare-smollm2-cpu.yaml --data_dir DIR --steps 4 16 64 \\
+        --out runs/reliability
 
 For every task of the recipe, two probes from θ0 on two disjoint halves of its training rows (the probe settings
 of DPIConfig: AdamW, weight decay 0, constant learning rate ``probe_learning_rate``). One probe run per half serves
@@ -14,7 +15,8 @@ With ``--no_step`` the probes take no optimizer step (``probe_updates_weights=Fa
 accumulated over the same batches at θ0 and the gradients dropped before each step, so the table compares Σ g² at
 the current weights with Σ g² along a probe fine-tune (the run without the flag) on the same rows and halves.
 
-    python benchmarks/reliability_sweep.py recipes/compare-smollm2-cpu.yaml --steps 4 16 --no_step --out runs/rel-nostep
+    python benchmarks/reliability_sweep.py recipes/compare-smollm2-cpu.yaml --data_dir DIR --steps 4 16 --no_step \\
+        --out runs/rel-nostep
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class MultiSignalProbe(TrainerCallback):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipe")
+    ap.add_argument("--data_dir", default=None, help="the recipe's ${data_dir}: the folder of the local dataset copies")
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--core_fraction", type=float, default=0.01)
     ap.add_argument("--learning_rate", type=float, default=1e-4)
@@ -105,7 +108,7 @@ def main() -> None:
     ns = ap.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
-    raw = read_recipe(ns.recipe)
+    raw = read_recipe(ns.recipe, {"data_dir": ns.data_dir} if ns.data_dir else {})
     for section in ("compare", "sweep"):  # the comparison harness's sections; this script needs tasks and model
         raw.pop(section, None)
     recipe = Recipe.from_dict(raw, source=ns.recipe)

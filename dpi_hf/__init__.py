@@ -33,6 +33,8 @@ _LAZY = {
     "save_dpi_artifacts": "dpi_hf.artifacts",
     "load_dpi_artifacts": "dpi_hf.artifacts",
     "probe_cores": "dpi_hf.trainer.protection",
+    "merge_models": "dpi_hf.merging",
+    "merge_checkpoints": "dpi_hf.merging",
 }
 
 

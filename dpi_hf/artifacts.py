@@ -7,6 +7,7 @@ Layout inside a run's ``output_dir`` (and a Hub repo pushed from it)::
                             frozen counts per stage, model fingerprint, library versions
     dpi/overlap.png         Jaccard heatmap of the cores
     dpi/protected.json      with protect_cores_from: the cores kept frozen, their source and digest
+    dpi/importance.safetensors  with save_importance=True: each task's mean importance per parameter (bfloat16)
     README.md               model card with a ``dpi:`` metadata block and a readable section
 """
 
@@ -19,14 +20,21 @@ from pathlib import Path
 from .core import StagePlan, load_cores, model_fingerprint, read_cores_metadata, save_cores
 from .core.errors import DPIConfigError, MaskFileError
 from .core.io import atomic_write_text  # the one atomic writer, also importable from here
+from .core.signals import SIGNAL_REGISTRY
 
 DPI_DIR = "dpi"
 CORES_FILE = "cores.safetensors"
 PLAN_FILE = "plan.json"
 HEATMAP_FILE = "overlap.png"
 PROTECTED_FILE = "protected.json"
+IMPORTANCE_FILE = "importance.safetensors"
+IMPORTANCE_FORMAT = "dpi-hf/importance"
+IMPORTANCE_FORMAT_VERSION = 1
+IMPORTANCE_DTYPE = "bfloat16"
 CARD_SECTION_START = "<!-- dpi-hf:start -->"
 CARD_SECTION_END = "<!-- dpi-hf:end -->"
+DATA_SECTION_START = "<!-- dpi-hf:data:start -->"
+DATA_SECTION_END = "<!-- dpi-hf:data:end -->"
 
 
 def library_versions() -> dict[str, str]:
@@ -117,7 +125,7 @@ def find_dpi_dir(path) -> Path:
     """The ``dpi/`` folder of a run directory (or the folder itself)."""
     p = Path(path)
     for cand in (p / DPI_DIR, p):
-        if (cand / CORES_FILE).is_file() or (cand / PLAN_FILE).is_file():
+        if (cand / CORES_FILE).is_file() or (cand / PLAN_FILE).is_file() or (cand / IMPORTANCE_FILE).is_file():
             return cand
     raise MaskFileError(
         f"no DPI artifacts in {str(p)!r}: expected {DPI_DIR}/{CORES_FILE} and {DPI_DIR}/{PLAN_FILE} (the output_dir of a "
@@ -170,11 +178,129 @@ def load_dpi_artifacts(path, model=None, tasks=None, check_content: bool = False
     return cores, plan
 
 
+def save_importance(output_dir, importance, batches, *, signal: str, fingerprint=None, model=None,
+                    **settings) -> Path:
+    """Write ``output_dir/dpi/importance.safetensors``: each task's importance per parameter, in bfloat16.
+
+    Layout: one tensor per (task, parameter) under the key ``"<task>/<parameter name>"``, in the parameter's shape;
+    metadata ``format`` = ``"dpi-hf/importance"``, ``format_version``, and ``dpi`` = a JSON object with ``tasks``,
+    ``batches`` (task → the number of optimizer steps the importance was accumulated over), ``signal``, ``statistic``
+    (``"mean per optimizer step"``), the model ``fingerprint`` and any ``settings``. Size: 2 bytes per considered
+    element per task (a model's bf16 size per task). The write is atomic.
+
+    Args:
+        output_dir: the run's output directory (the file goes in its ``dpi/``).
+        importance: task → (parameter name → tensor): the MEAN of the signal over the probe's optimizer steps (the
+            accumulated Σg² divided by ``batches[task]``), so that it does not scale with the probe's length.
+        batches: task → the number of optimizer steps the mean is over (≥ 1).
+        signal: the importance signal (``"fisher"``, ``"gradsum"`` or ``"update"``).
+        fingerprint: the model's :func:`~dpi_hf.core.model_fingerprint` (default None: computed from ``model``).
+        model: the probed model, when ``fingerprint`` is not given.
+        **settings: JSON-serialisable extras stored in the metadata (e.g. the probe settings).
+    """
+    import torch
+
+    from .core.io import atomic_save_file
+
+    if not importance:
+        raise DPIConfigError("save_importance needs the importance of at least one task.")
+    tensors = {}
+    for task, per_param in importance.items():
+        if not isinstance(task, str) or not task or "/" in task:
+            raise DPIConfigError(f"task name {task!r} must be a non-empty string without '/'.")
+        n = batches.get(task) if isinstance(batches, dict) else None
+        if not isinstance(n, int) or n < 1:
+            raise DPIConfigError(f"batches[{task!r}]={n!r} must be the number (>= 1) of steps the mean is over.")
+        for name, t in per_param.items():
+            tensors[f"{task}/{name}"] = t.detach().to("cpu", torch.bfloat16).contiguous()
+    if fingerprint is None and model is not None:
+        fingerprint = model_fingerprint(model)
+    info = {**settings, "tasks": list(importance), "batches": {t: batches[t] for t in importance}, "signal": signal,
+            "statistic": "mean per optimizer step", "dtype": IMPORTANCE_DTYPE, "fingerprint": fingerprint}
+    path = Path(output_dir) / DPI_DIR / IMPORTANCE_FILE
+    return atomic_save_file(tensors, path, metadata={"format": IMPORTANCE_FORMAT,
+                                                     "format_version": str(IMPORTANCE_FORMAT_VERSION),
+                                                     "dpi": json.dumps(info)})
+
+
+def importance_path(source) -> Path | None:
+    """The ``importance.safetensors`` of a run directory, its ``dpi/`` folder or a Hub repo id, or None."""
+    path = resolve_masks_source(str(source)) / IMPORTANCE_FILE
+    return path if path.is_file() else None
+
+
+def read_importance_metadata(path) -> dict:
+    """The ``dpi`` metadata of an importance file (tasks, batches, signal, fingerprint, settings)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # truncated or not a safetensors file
+        raise MaskFileError(f"importance file {str(path)!r} is truncated or corrupt ({e}); probe again.") from None
+    if meta.get("format") != IMPORTANCE_FORMAT or meta.get("format_version") != str(IMPORTANCE_FORMAT_VERSION):
+        raise MaskFileError(f"{str(path)!r} is not a dpi-hf importance file of version {IMPORTANCE_FORMAT_VERSION} "
+                            f"(format={meta.get('format')!r}, version={meta.get('format_version')!r}).")
+    return json.loads(meta["dpi"])
+
+
+def load_importance(source, tasks=None, model=None, check_content: bool = False):
+    """Each task's stored importance, as float32 tensors: ``{task: {parameter name: tensor}}``.
+
+    Args:
+        source: a run directory, its ``dpi/`` folder, or a Hub repo id (downloads ``dpi/*``).
+        tasks: the tasks to load (default None: all); a task the file lacks is an error naming the ones it has.
+        model: if given, the stored fingerprint (names and shapes) is checked against it.
+        check_content: with ``model``, also require the weights the importance was measured on (default False).
+
+    Raises:
+        DPIConfigError: no importance file (it is written by ``save_importance=True`` / ``probe_cores``), or an
+            unknown task.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from .core import check_fingerprint
+
+    path = importance_path(source)
+    if path is None:
+        raise DPIConfigError(
+            f"{str(source)!r} holds no {DPI_DIR}/{IMPORTANCE_FILE}: its importance was not stored. Probe with "
+            "DPIConfig(save_importance=True) (probe_cores, dpi-hf probe or a DPI run) to write it."
+        )
+    info = read_importance_metadata(path)
+    wanted = list(tasks) if tasks is not None else list(info["tasks"])
+    unknown = [t for t in wanted if t not in info["tasks"]]
+    if unknown:
+        raise DPIConfigError(f"the importance in {str(path)!r} has no task {unknown}; it holds {info['tasks']}.")
+    if model is not None and info.get("fingerprint"):
+        check_fingerprint(info["fingerprint"], model, check_content=check_content)
+    out = {t: {} for t in wanted}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            task, name = key.split("/", 1)
+            if task in out:
+                out[task][name] = f.get_tensor(key).to(torch.float32)
+    return out
+
+
 def protection_lines(protected: dict) -> list[str]:
     """Card lines saying which cores stayed frozen through the whole training, and from where."""
+    method = protected.get("protect_method", "freeze")
+    how = {
+        "freeze": "stayed frozen bit for bit for the whole training",
+        "ewc": f"were protected by an EWC penalty (λ = {protected.get('protect_lambda')}, form "
+               f"`{protected.get('protect_ewc_form')}`, scope `{protected.get('protect_ewc_scope')}`) weighted by "
+               "their stored importance, nothing frozen",
+        "freeze_ewc": f"stayed frozen bit for bit, with an EWC penalty (λ = {protected.get('protect_lambda')}, form "
+                      f"`{protected.get('protect_ewc_form')}`) on every other element",
+        "l2sp": f"were protected by a uniform L2-SP pull to the starting weights (λ = {protected.get('protect_lambda')}"
+                f", form `{protected.get('protect_ewc_form')}`, scope `{protected.get('protect_ewc_scope')}`), "
+                "nothing frozen",
+    }[method]
     lines = [
         f"Protected cores: the cores of {', '.join(f'`{t}`' for t in protected['tasks'])} from "
-        f"`{protected['source']}` stayed frozen bit for bit for the whole training ({protected['elements']:,} "
+        f"`{protected['source']}` {how} ({protected['elements']:,} "
         f"elements, {100 * protected.get('fraction', 0.0):.3f}% of the parameters; cores file sha256 "
         f"`{protected['digest'][:12]}`, signal `{protected.get('settings', {}).get('core_signal', 'update')}`, "
         f"p = {protected.get('settings', {}).get('core_fraction')}).",
@@ -194,8 +320,9 @@ def protection_section(protected: dict) -> str:
         CARD_SECTION_START,
         "## Protected cores (dpi-hf)",
         "",
-        "Fine-tuned with [dpi-hf](https://pypi.org/project/dpi-hf/) as plain SFT on one dataset, with the core "
-        "regions of earlier skills frozen so that the new training cannot overwrite them.",
+        "Fine-tuned with dpi-hf (Dynamic Parameter Isolation on the Hugging Face stack) as plain SFT on one "
+        "dataset, with the core regions of earlier skills protected (frozen, or pulled towards their starting "
+        "weights; see below) so that the new training does not overwrite them.",
         "",
         *protection_lines(protected),
         "",
@@ -223,12 +350,14 @@ def card_section(plan: StagePlan | None, settings: dict) -> str:
         "",
         *(["**Probes and plan only: no stage has been trained yet** (`DPITrainer.probe()` / `dpi-hf probe`); the "
            "table shows the planned stages.", ""] if probed_only else []),
-        f"{'Planned' if probed_only else 'Trained'} with [dpi-hf](https://pypi.org/project/dpi-hf/) (staging `{settings.get('staging', 'dpi')}`, "
+        f"{'Planned' if probed_only else 'Trained'} with dpi-hf (staging `{settings.get('staging', 'dpi')}`, "
         f"core fraction p = {settings.get('core_fraction')}, Jaccard threshold τ = {plan.jaccard_threshold}, "
         f"scope `{settings.get('core_scope', 'global')}`, signal `{settings.get('core_signal', 'update')}`). Each "
         "task's core region is the p share of parameter elements that matter most to it in a short probe fine-tune "
-        "from the base weights (by the signal: Σg² = `fisher`, |Σg| = `gradsum`, |θ−θ0| = `update`); tasks with "
-        "overlapping cores share a stage, and later stages keep earlier stages' cores frozen bit for bit.",
+        "from the base weights (by the signal: "
+        + ", ".join(f"{s.formula} = `{s.name}`" for s in SIGNAL_REGISTRY.values())
+        + "); tasks with overlapping cores share a stage, and later stages keep earlier stages' cores frozen bit for "
+        "bit.",
         "",
         *rows,
         "",
@@ -269,18 +398,20 @@ def card_section(plan: StagePlan | None, settings: dict) -> str:
 
 
 def write_model_card(output_dir, plan: StagePlan | None, settings: dict) -> Path:
-    """Add (or replace) the DPI section and the ``dpi:`` metadata block in ``output_dir/README.md``.
+    """Add (or replace) the DPI section and the ``dpi:`` metadata block in ``output_dir/README.md``, with the Hub
+    metadata of a text-generation model (``pipeline_tag``, and ``base_model`` when ``settings["base_model"]`` names
+    a Hub id; see :func:`dpi_hf.offline.hub_model_id`).
 
     ``plan`` is None for a single-dataset run with protected cores (``settings["protected"]`` describes them)."""
-    from huggingface_hub import ModelCard
-
+    card = _load_card(output_dir)
     path = Path(output_dir) / "README.md"
-    if path.is_file():
-        card = ModelCard.load(path)
-    else:
-        card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).name}\n")
+    settings = dict(settings)
+    base_model = settings.pop("base_model", None)
+    if base_model:
+        card.data.base_model = base_model
     protected = settings.get("protected")
-    protected_meta = {"protected": {k: protected[k] for k in ("source", "tasks", "elements", "digest")}} \
+    protected_meta = {"protected": {k: protected[k] for k in ("source", "tasks", "elements", "digest",
+                                                              "protect_method", "protect_lambda") if k in protected}} \
         if protected else {}
     if plan is None:
         card.data.dpi = {**protected_meta,
@@ -309,6 +440,54 @@ def write_model_card(output_dir, plan: StagePlan | None, settings: dict) -> Path
         text = before + card_section(plan, settings) + after
     else:
         text = text.rstrip() + "\n\n" + card_section(plan, settings) + "\n"
+    card.text = text
+    card.save(path)
+    return path
+
+
+def _load_card(output_dir):
+    """``output_dir/README.md`` as a ``ModelCard`` (a new one when there is none), marked as a text-generation
+    model."""
+    from huggingface_hub import ModelCard
+
+    path = Path(output_dir) / "README.md"
+    if path.is_file():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\nlibrary_name: transformers\n---\n\n# {Path(output_dir).name}\n")
+    card.data.pipeline_tag = "text-generation"
+    return card
+
+
+def write_card_training_data(output_dir, hub_datasets: list[str], other_data: list[str],
+                             base_model: str | None = None) -> Path:
+    """Name a run's base model and training data in ``output_dir/README.md``: ``base_model`` and the Hub ids of the
+    Hub-sourced tasks as the card's ``datasets`` (the Hub links both), and every task's source in the card's text
+    (generated tasks and local files have no Hub id to link).
+
+    Args:
+        hub_datasets: Hub dataset ids (``openai/gsm8k``, ...); none: no ``datasets`` entry.
+        other_data: one line per task that is not on the Hub, e.g. ``"chain_sum: generated with reasoning-gym"``.
+        base_model: the Hub id of the model the run started from (default None: left as the card has it; a local
+            path is never a Hub id, see :func:`dpi_hf.offline.hub_model_id`).
+    """
+    card = _load_card(output_dir)
+    path = Path(output_dir) / "README.md"
+    if base_model:
+        card.data.base_model = base_model
+    if hub_datasets:
+        card.data.datasets = list(dict.fromkeys(hub_datasets))
+    lines = [DATA_SECTION_START, "## Training data", ""]
+    lines += [f"- Hub dataset [{d}](https://huggingface.co/datasets/{d})" for d in dict.fromkeys(hub_datasets)]
+    lines += [f"- {line}" for line in other_data]
+    lines.append(DATA_SECTION_END)
+    text = card.text
+    if DATA_SECTION_START in text:
+        before, rest = text.split(DATA_SECTION_START, 1)
+        after = rest.split(DATA_SECTION_END, 1)[1] if DATA_SECTION_END in rest else ""
+        text = before + "\n".join(lines) + after
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
     card.text = text
     card.save(path)
     return path

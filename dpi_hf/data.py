@@ -13,9 +13,11 @@ the loss on the completion only:
 - ``meta``: a JSON string with what an evaluator needs (LogiQA: options and letter; reasoning-gym: the entry or
   the recipe to regenerate it, see :func:`score_reasoning_gym`).
 
-Sampling: records are permuted with ``seed``; the first ``eval_samples`` form the eval split and the next
-``max_samples`` (default: all the rest) the training split. The eval split therefore does not change when
-``max_samples`` does. Both splits keep the source order.
+Sampling: records are permuted with ``seed``; the first ``eval_samples`` form the eval split, the next
+``validation_samples`` the validation split and the next ``max_samples`` (default: all the rest) the training
+split. The eval split therefore does not change when ``max_samples`` or ``validation_samples`` does. Every split
+keeps the source order. reasoning-gym tasks with ``eval_seed`` draw their held-out rows from another generator seed
+instead, without the questions of the training rows (:mod:`dpi_hf.reasoning_gym_tasks`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import numpy as np
 from .core.errors import DPIConfigError
 from .evaluation.answers import extract_final_answer
 from .evaluation.reasoning_gym_eval import score_reasoning_gym
+from .reasoning_gym_tasks import heldout_splits, reasoning_gym_source
+from .task_rows import ANSWER_INSTRUCTION, make_row as _row, record_error as _record_error
 from .utils import check_unknown_keys, did_you_mean, is_int, repeated
 
 __all__ = ["TaskSpec", "load_task", "load_tasks", "extract_final_answer", "score_reasoning_gym", "SOURCES",
@@ -44,10 +48,9 @@ SOURCES = ("hub",) + FILE_SOURCES + ("reasoning_gym",)
 COLUMN_ROLES = ("prompt", "completion", "messages", "reference", "options", "answer")
 _COLUMN_SOURCES = ("hub", "prompt_completion", "messages")
 
-# Appended to reasoning-gym questions (and LogiQA) so that a model's answer can be found by extract_final_answer.
-ANSWER_INSTRUCTION = 'End your response with the final answer on its own line, in the form "Answer: <answer>".'
-
 _LOGIQA_LETTERS = "ABCD"
+# A number written with thousands separators ("1,080", "-109,200,000.5"); the separators are formatting.
+_GROUPED_NUMBER = re.compile(r"[-\u2212]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _BLOCK_LINES = 8  # LogiQA: blank, letter, context, question, 4 options
 
 
@@ -71,7 +74,13 @@ class TaskSpec:
             in the completion (see :func:`extract_final_answer`), else the whole completion text.
         max_samples: how many training examples to keep (default None: all; required for ``"reasoning_gym"``).
         eval_samples: how many examples to hold out as the ``eval`` split (default 0: no eval split).
+        validation_samples: how many examples to hold out as a ``validation`` split, for choosing settings (a
+            learning rate, a penalty weight) on other rows than the ``eval`` ones that are reported (default 0: no
+            validation split).
         seed: seeds the sampling and the eval split, and the reasoning-gym generator (default 0).
+        eval_seed: ``"reasoning_gym"`` only: draw the ``eval`` and ``validation`` rows from the generator at this
+            seed, dropping every held-out row whose question is also a training row's (see
+            :mod:`dpi_hf.reasoning_gym_tasks`); must differ from ``seed``. Default None: every split from ``seed``.
         system_prompt: a system message put first in every prompt that has none (default None).
         kwargs: extra keyword arguments for ``datasets.load_dataset`` (``"hub"``) or
             ``reasoning_gym.create_dataset`` (``"reasoning_gym"``); not allowed for the file sources.
@@ -85,7 +94,9 @@ class TaskSpec:
     columns: dict[str, Any] = field(default_factory=dict)
     max_samples: int | None = None
     eval_samples: int = 0
+    validation_samples: int = 0
     seed: int = 0
+    eval_seed: int | None = None
     system_prompt: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -106,8 +117,21 @@ class TaskSpec:
             raise DPIConfigError(f"{where}: max_samples must be a positive integer or null, got {self.max_samples!r}.")
         if not is_int(self.eval_samples) or self.eval_samples < 0:
             raise DPIConfigError(f"{where}: eval_samples must be an integer >= 0, got {self.eval_samples!r}.")
+        if not is_int(self.validation_samples) or self.validation_samples < 0:
+            raise DPIConfigError(f"{where}: validation_samples must be an integer >= 0, got "
+                                 f"{self.validation_samples!r}.")
         if not is_int(self.seed):
             raise DPIConfigError(f"{where}: seed must be an integer, got {self.seed!r}.")
+        if self.eval_seed is not None:
+            if self.source != "reasoning_gym":
+                raise DPIConfigError(f"{where}: eval_seed draws held-out rows from another generator seed, which only "
+                                     "reasoning_gym tasks have; remove it (eval_samples holds rows out of the data).")
+            if not is_int(self.eval_seed) or self.eval_seed == self.seed:
+                raise DPIConfigError(f"{where}: eval_seed must be an integer other than seed ({self.seed}), got "
+                                     f"{self.eval_seed!r}.")
+            if not self.eval_samples + self.validation_samples:
+                raise DPIConfigError(f"{where}: eval_seed is set but no row is held out; set eval_samples (and "
+                                     "validation_samples).")
         if self.source == "reasoning_gym" and self.max_samples is None:
             raise DPIConfigError(f"{where}: reasoning_gym tasks are generated, set max_samples (how many).")
         if self.kwargs and self.source in FILE_SOURCES:
@@ -140,19 +164,32 @@ class TaskSpec:
         return cls(**data)
 
 
-def load_task(spec: TaskSpec | Mapping[str, Any]) -> datasets.DatasetDict:
-    """Load one task as ``train`` (and ``eval`` when ``spec.eval_samples > 0``) splits; see the module docstring.
+def load_task(spec: TaskSpec | Mapping[str, Any], report: dict | None = None) -> datasets.DatasetDict:
+    """Load one task as ``train`` (and ``eval`` when ``spec.eval_samples > 0``, ``validation`` when
+    ``spec.validation_samples > 0``) splits; see the module docstring.
 
     Args:
         spec: a :class:`TaskSpec` or a mapping accepted by :meth:`TaskSpec.from_dict`.
+        report: a dict that receives what the loader dropped: with ``eval_seed``, ``eval_duplicates_dropped`` and
+            ``validation_duplicates_dropped`` (held-out rows whose question is a training row's) and
+            ``eval_generated``; otherwise nothing is dropped and both counts are 0 (default None).
 
     Raises:
         DPIConfigError: unreadable, missing or malformed data (the message names the task and file), or no data.
     """
     spec = spec if isinstance(spec, TaskSpec) else TaskSpec.from_dict(spec)
+    if spec.eval_seed is not None:
+        rows = heldout_splits(spec, report)
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})
+    if report is not None:
+        report.update(eval_duplicates_dropped=0, validation_duplicates_dropped=0)
     records, convert = _source(spec)
-    train_idx, eval_idx = _split_indices(len(records), spec)
-    splits = {"train": train_idx, "eval": eval_idx} if spec.eval_samples else {"train": train_idx}
+    train_idx, eval_idx, validation_idx = _split_indices(len(records), spec)
+    splits = {"train": train_idx}
+    if spec.eval_samples:
+        splits["eval"] = eval_idx
+    if spec.validation_samples:
+        splits["validation"] = validation_idx
     return datasets.DatasetDict(
         {split: datasets.Dataset.from_list(_convert_all(spec, records, convert, idx)) for split, idx in splits.items()}
     )
@@ -180,7 +217,7 @@ def load_tasks(specs) -> dict[str, datasets.DatasetDict]:
 
 def _source(spec: TaskSpec) -> tuple[Any, Callable[[Any, int], dict]]:
     if spec.source == "reasoning_gym":
-        return _reasoning_gym_source(spec)
+        return reasoning_gym_source(spec)
     if spec.source == "hub":
         return _hub_source(spec)
     if spec.source == "logiqa_txt":
@@ -200,23 +237,6 @@ def _hub_source(spec: TaskSpec):
         raise DPIConfigError(f"task {spec.name!r}: could not load Hub dataset {spec.path!r} (config "
                              f"{spec.config!r}, split {spec.split!r}): {err}") from err
     return data, _column_converter(spec, list(data.column_names), where=f"Hub dataset {spec.path!r}")
-
-
-def _reasoning_gym_source(spec: TaskSpec):
-    try:
-        import reasoning_gym
-    except ImportError as err:
-        raise DPIConfigError("reasoning_gym tasks need `pip install reasoning-gym==0.1.25`.") from err
-    size = spec.max_samples + spec.eval_samples
-    try:
-        dataset = reasoning_gym.create_dataset(spec.path, size=size, seed=spec.seed, **spec.kwargs)
-    except Exception as err:
-        names = sorted(reasoning_gym.factory.DATASETS)
-        raise DPIConfigError(f"task {spec.name!r}: reasoning_gym could not create {spec.path!r} "
-                             f"({err}){did_you_mean(spec.path, names)}.") from err
-    recipe = {"source": "reasoning_gym", "rg_name": spec.path, "rg_size": size, "rg_seed": spec.seed,
-              "rg_kwargs": spec.kwargs}
-    return dataset, functools.partial(_reasoning_gym_row, spec, recipe)
 
 
 def _convert_all(spec: TaskSpec, records, convert, indices: list[int]) -> list[dict]:
@@ -278,22 +298,12 @@ def _record_keys(records: list[dict]) -> list[str]:
 # --- row builders --------------------------------------------------------------------------------------------------
 
 
-def _row(spec: TaskSpec, prompt, completion, reference: str, meta: dict) -> dict:
-    """Assemble a row; ``prompt``/``completion`` are a string or a list of messages."""
-    prompt = _messages(prompt, "user")
-    if spec.system_prompt and prompt[0]["role"] != "system":
-        prompt = [{"role": "system", "content": spec.system_prompt}] + prompt
-    return {"prompt": prompt, "completion": _messages(completion, "assistant"), "task": spec.name,
-            "reference": str(reference), "meta": json.dumps(meta)}
-
-
 def _gsm8k_row(spec: TaskSpec, record: dict, index: int) -> dict:
     question, answer = _fields(spec, record, index, "question", "answer")
     final = extract_final_answer(answer)
     if final is None:
         raise _record_error(spec, index, "has no '#### <number>' final answer")
-    # thousands separators ("1,080") are formatting, not part of the number
-    return _row(spec, question, answer, final.replace(",", ""), {"source": spec.source})
+    return _row(spec, question, answer, _plain_number(final), {"source": spec.source})
 
 
 def _alpaca_row(spec: TaskSpec, record: dict, index: int) -> dict:
@@ -336,21 +346,6 @@ def _logiqa_option(label: str, line: str) -> str:
     return line.strip()
 
 
-def _reasoning_gym_row(spec: TaskSpec, recipe: dict, entry: dict, index: int) -> dict:
-    answer = entry.get("answer")
-    if answer is None:
-        raise _record_error(spec, index, "has no gold answer (reasoning_gym returned None); use another dataset")
-    answer = str(answer)
-    final_line = f"Answer:\n{answer}" if "\n" in answer else f"Answer: {answer}"
-    cot = (entry.get("metadata") or {}).get("answer_cot") if spec.path == "gsm_symbolic" else None
-    # answer_cot ends in GSM8K's "#### <n>" line; the "Answer:" line replaces it so there is one final answer
-    completion = f"{_drop_hash_line(cot)}\n{final_line}" if cot else final_line
-    meta = dict(recipe, index=int(index))
-    if _json_roundtrips(entry):
-        meta["entry"] = entry
-    return _row(spec, f"{entry['question']}\n\n{ANSWER_INSTRUCTION}", completion, answer, meta)
-
-
 def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Callable[[dict, int], dict]:
     """Row builder for column-mapped data (hub, prompt_completion, messages)."""
     columns = dict(spec.columns)
@@ -381,7 +376,10 @@ def _column_converter(spec: TaskSpec, available: list[str], where: str) -> Calla
         if not completion or (isinstance(completion, list) and not completion[-1].get("content")):
             raise _record_error(spec, index, "has an empty completion")
         text = completion if isinstance(completion, str) else completion[-1]["content"]
-        reference = record[columns["reference"]] if "reference" in columns else extract_final_answer(text) or text
+        # the final answer found in the completion, as the file sources give it: openai/gsm8k from the Hub and
+        # gsm8k/train.jsonl give the same reference
+        found = extract_final_answer(text)
+        reference = record[columns["reference"]] if "reference" in columns else _plain_number(found) if found else text
         return _row(spec, prompt, completion, reference, {"source": spec.source})
 
     return convert
@@ -427,13 +425,6 @@ def _split_chat(spec: TaskSpec, messages, index: int) -> tuple[list[dict], list[
 # --- helpers -------------------------------------------------------------------------------------------------------
 
 
-def _messages(value, role: str) -> list[dict]:
-    """A string becomes one ``role`` message; message lists are kept with only ``role`` and ``content``."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in value]
-
-
 def _fields(spec: TaskSpec, record: dict, index: int, *keys: str) -> list[str]:
     missing = [k for k in keys if not isinstance(record.get(k), str) or not record[k].strip()]
     if missing:
@@ -441,35 +432,27 @@ def _fields(spec: TaskSpec, record: dict, index: int, *keys: str) -> list[str]:
     return [record[k] for k in keys]
 
 
-def _record_error(spec: TaskSpec, index: int, problem: str) -> DPIConfigError:
-    return DPIConfigError(f"task {spec.name!r}: record {index} of {spec.path!r} {problem}.")
-
-
-def _split_indices(n: int, spec: TaskSpec) -> tuple[list[int], list[int]]:
-    """Seeded (train, eval) record indices, each sorted; see the module docstring."""
+def _split_indices(n: int, spec: TaskSpec) -> tuple[list[int], list[int], list[int]]:
+    """Seeded (train, eval, validation) record indices, each sorted; see the module docstring."""
     if n == 0:
         raise DPIConfigError(f"task {spec.name!r}: {spec.path!r} gave no examples.")
-    if spec.eval_samples >= n:
-        raise DPIConfigError(f"task {spec.name!r}: eval_samples={spec.eval_samples} leaves no training examples "
+    held = spec.eval_samples + spec.validation_samples
+    if held >= n:
+        also = f" with validation_samples={spec.validation_samples}" if spec.validation_samples else ""
+        raise DPIConfigError(f"task {spec.name!r}: eval_samples={spec.eval_samples}{also} leaves no training examples "
                              f"out of {n}; lower it.")
     order = np.random.default_rng(spec.seed).permutation(n)
     held_out = order[:spec.eval_samples]
-    train = order[spec.eval_samples:]
+    validation = order[spec.eval_samples:held]
+    train = order[held:]
     if spec.max_samples is not None:
         train = train[:spec.max_samples]
-    return sorted(train.tolist()), sorted(held_out.tolist())
+    return sorted(train.tolist()), sorted(held_out.tolist()), sorted(validation.tolist())
 
 
-def _drop_hash_line(text: str) -> str:
-    return re.sub(r"\n?[ \t]*####[^\n]*\s*$", "", text.rstrip())
-
-
-def _json_roundtrips(value) -> bool:
-    """True when ``value`` survives JSON unchanged (tuples, sets or objects inside do not)."""
-    try:
-        return json.loads(json.dumps(value)) == value
-    except (TypeError, ValueError):
-        return False
+def _plain_number(answer: str) -> str:
+    """``answer`` without thousands separators when it is a number written with them ("1,080" → "1080")."""
+    return answer.replace(",", "") if _GROUPED_NUMBER.fullmatch(answer) else answer
 
 
 def _is_str_list(value) -> bool:

@@ -44,6 +44,7 @@ class OfflineModel:
         filename: the GGUF file inside the package directory.
         num_parameters: the parameter count of the converted model, used to verify the conversion.
         license: the model's license, for the docs and the marker file.
+        hub_id: the Hub model the GGUF file was quantised from (a model card's ``base_model``).
     """
 
     package: str
@@ -51,6 +52,7 @@ class OfflineModel:
     filename: str
     num_parameters: int
     license: str
+    hub_id: str
 
 
 OFFLINE_MODELS: dict[str, OfflineModel] = {
@@ -60,6 +62,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         num_parameters=134_515_008,
         license="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -185,6 +188,32 @@ def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | os.Path
     else:
         return text
     return str(materialize_offline_model(key, cache_dir=cache_dir))
+
+
+def hub_model_id(name_or_path) -> str | None:
+    """The Hub id of a model, for a model card's ``base_model``; None when there is none to name.
+
+    Args:
+        name_or_path: ``"offline:<key>"`` or a bare key of :data:`OFFLINE_MODELS` (→ the model it was converted
+            from, e.g. ``HuggingFaceTB/SmolLM2-135M-Instruct``), a directory (→ that offline model when the
+            directory is a converted checkpoint, else None: a local path is never a Hub id), or a Hub id (→ itself).
+    """
+    if name_or_path is None:
+        return None
+    text = str(name_or_path)
+    key = text[len(OFFLINE_PREFIX):] if text.startswith(OFFLINE_PREFIX) else text
+    if key in OFFLINE_MODELS and not os.path.isdir(text):
+        return OFFLINE_MODELS[key].hub_id
+    path = Path(text).expanduser()
+    if path.is_dir():
+        try:
+            name = json.loads((path / MARKER_FILE).read_text())["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return OFFLINE_MODELS[name].hub_id if name in OFFLINE_MODELS else None
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text:
+        return None  # a path that does not exist (here): not a Hub id either
+    return text
 
 
 def _lookup(name: str) -> OfflineModel:

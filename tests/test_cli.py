@@ -84,6 +84,7 @@ def run_dir(tmp_path):
     (out / "model.safetensors").write_bytes(b"weights")
     (out / "_dpi_runs").mkdir()
     (out / "_dpi_runs" / "last-stage.safetensors").write_bytes(b"big")
+    (out / "dpi" / "importance.safetensors").write_bytes(b"as big as the model")
     return out
 
 
@@ -95,7 +96,10 @@ def run_dir(tmp_path):
                "model:", "tasks:", "eval:", "runtime:"]),
     ("plan", ["--jaccard-threshold", "--order", "--seed", "--save", "--plot", "OUTPUT_DIR"]),
     ("inspect", ["--plots", "--no-plots", "OUTPUT_DIR"]),
-    ("push", ["--private", "--token", "--revision", "--commit-message", "REPO_ID"]),
+    ("push", ["--private", "--token", "--revision", "--commit-message", "--include-importance", "REPO_ID"]),
+    ("merge", ["--alpha", "--cores-from", "--alpha-core", "OUTPUT_DIR"]),
+    ("probe", ["--importance_from"]),
+    ("sequential", ["--methods", "--b_steps", "--best_from", "--best_pair", "--seeds", "--no-resume"]),
     ("materialize-model", ["--cache-dir", "--force", "NAME"]),
 ])
 def test_every_command_explains_its_options(capsys, command, options):
@@ -160,6 +164,26 @@ def test_unreadable_data_file(capsys, tmp_path):
     path = _tiny_recipe(tmp_path, None)
     rc, _, err = _run(capsys, "train", path, "--tasks.rev.path", tmp_path / "gone.jsonl")
     _assert_one_line_error(rc, err, "task 'rev'", "gone.jsonl", "check `path`")
+
+
+@pytest.mark.parametrize("verb, recipe", [
+    ("train", "smollm2-cpu-local.yaml"), ("probe", "smollm2-cpu-local.yaml"), ("compare", "compare-smollm2-cpu.yaml"),
+    ("sweep", "compare-smollm2-cpu.yaml")])
+def test_local_data_recipe_without_its_folder_stops_before_any_model(capsys, tmp_path, monkeypatch, verb, recipe):
+    """A recipe for local copies of the data, run without --data_dir or with a folder that is not there: one line
+    naming --data_dir, and no model is ever loaded."""
+    import dpi_hf.offline
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    monkeypatch.setattr(dpi_hf.offline, "materialize_offline_model", no_model)
+    rc, _, err = _run(capsys, verb, ROOT / "recipes" / recipe)
+    _assert_one_line_error(rc, err, "uses ${data_dir} but no value is given", "pass --data_dir VALUE")
+    rc, _, err = _run(capsys, verb, ROOT / "recipes" / recipe, "--data_dir", tmp_path / "nowhere")
+    _assert_one_line_error(rc, err, f"the folder '{tmp_path / 'nowhere'}' does not exist", "pass --data_dir DIR")
 
 
 def test_missing_offline_model(capsys, tmp_path, monkeypatch):
@@ -229,6 +253,10 @@ def test_dry_run_prints_the_resolved_recipe(capsys, tmp_path):
 
 
 def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
+    from dpi_hf.offline import MARKER_FILE
+
+    # marked like the quickstart's converted offline checkpoint, so the card names the Hub model it came from
+    (tiny_model_dir / MARKER_FILE).write_text(json.dumps({"name": "smollm2-135m-instruct"}))
     path = _tiny_recipe(tmp_path, tiny_model_dir)
     rc, out, err = _run(capsys, "train", path, "--max_steps", "4")
     assert rc == 0, err
@@ -260,6 +288,13 @@ def test_train_end_to_end_on_a_tiny_model(capsys, tmp_path, tiny_model_dir):
     for png in ("overlap.png", "core_density.png", "core_modules.png"):
         assert (run / "dpi" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "tokenizer_config.json").is_file() and "dpi-hf" in (run / "README.md").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.pipeline_tag == "text-generation"
+    assert card.data.datasets is None  # local files have no Hub id: they are named in the text
+    assert "`add`: local file `add.jsonl` (prompt_completion)" in card.text and "pypi.org" not in card.text
+    assert json.loads((run / "dpi" / "plan.json").read_text())["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_probe_writes_the_plan_and_trains_nothing(capsys, tmp_path, tiny_model_dir):
@@ -397,6 +432,11 @@ def test_push_uploads_the_run_without_training_leftovers(capsys, run_dir, monkey
     assert {"config.json", "model.safetensors", "dpi/cores.safetensors", "dpi/plan.json", "dpi/overlap.png"} <= set(
         uploaded)
     assert not any(u.startswith(RUNS_DIR) for u in uploaded)
+    assert "dpi/importance.safetensors" not in uploaded  # as large as the model: only when asked
+    _FakeApi.calls = []
+    rc, _, _ = _run(capsys, "push", run_dir, "me/dpi-model", "--include-importance")
+    patterns = dict(_FakeApi.calls)["upload_folder"]["ignore_patterns"]
+    assert rc == 0 and not any(fnmatch.fnmatch("dpi/importance.safetensors", pat) for pat in patterns)
 
 
 def test_push_refuses_an_unfinished_run(capsys, tmp_path, monkeypatch):
@@ -437,9 +477,9 @@ def test_materialize_model_command(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypatch):
-    """recipes/quickstart.yaml end to end on the real SmolLM2 (reduced budget), every non-loopback connection
-    refused: it must never try the Hub, and its artifacts must reload."""
+def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypatch, smollm2_dir):
+    """recipes/quickstart.yaml end to end on the real SmolLM2 (reduced budget; the session's conversion of it),
+    every non-loopback connection refused: it must never try the Hub, and its artifacts must reload."""
     real_connect = socket.socket.connect
     attempts = []
 
@@ -454,11 +494,13 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
     for var in OFFLINE_VARS:  # the CLI must switch offline by itself
         monkeypatch.delenv(var, raising=False)
     out_dir = tmp_path / "quickstart"
-    small = []
+    small = []  # the plumbing end to end at the least cost: one row per step, two held-out rows per task
     for i in range(3):
-        small += [f"--tasks.{i}.max_samples", "8", f"--tasks.{i}.eval_samples", "4"]
+        small += [f"--tasks.{i}.max_samples", "8", f"--tasks.{i}.eval_samples", "2"]
     rc, out, err = _run(capsys, "train", ROOT / "recipes" / "quickstart.yaml", "--output_dir", out_dir,
-                        "--max_steps", "3", "--probe_steps", "2", "--eval.max_new_tokens", "8", *small)
+                        "--model.cache_dir", smollm2_dir[0], "--max_steps", "3", "--probe_steps", "2",
+                        "--per_device_train_batch_size", "1", "--probe_batch_size", "1", "--eval.max_new_tokens", "8",
+                        *small)
     assert rc == 0, err[-3000:]
     assert attempts == []
     assert "Held-out scores before and after training" in out and "reasoning_gym" in out
@@ -475,13 +517,15 @@ def test_quickstart_offline_with_the_network_blocked(capsys, tmp_path, monkeypat
 
 
 def test_a_diverged_probe_has_its_own_exit_status(capsys, monkeypatch):
+    import dataclasses
+
     import dpi_hf.cli.plan as plan_verb
     from dpi_hf.core.errors import ProbeDivergedError
 
     def diverge(args, extra):
         raise ProbeDivergedError("the probe of task 'a' diverged: non-finite update")
 
-    monkeypatch.setattr(plan_verb, "run", diverge)
+    monkeypatch.setattr(plan_verb, "VERB", dataclasses.replace(plan_verb.VERB, run=diverge))
     rc, _, err = _run(capsys, "plan", "anything")
     assert rc == cli.EXIT_DIVERGED != cli.EXIT_BAD_INPUT
     lines = err.strip().splitlines()

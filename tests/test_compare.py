@@ -1,7 +1,6 @@
 """The comparison runner end to end on a tiny random Llama: four methods, same budget, tables, plots, sweep, CLI."""
 
 import argparse
-import gc
 import json
 import math
 import random
@@ -11,14 +10,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_llama
+from conftest import FIXTURE_DATA, tiny_llama
+from dpi_hf.cli.compare import add_compare_parser, compare_command
+from dpi_hf.cli.sweep import add_sweep_parser
 from dpi_hf.compare import (
     DEFAULT_METHODS,
     METHODS,
     EvalSettings,
-    add_compare_parser,
-    add_sweep_parser,
-    compare_command,
     load_compare_recipe,
     run_comparison,
     run_sweep,
@@ -65,19 +63,6 @@ def _task_files(tmp_path: Path, n: int = 13) -> list[dict]:
             dict(name="logiqa", source="logiqa_txt", path=str(tmp_path / "logiqa.txt"), **common),
             dict(name="code", source="alpaca_json", path=str(tmp_path / "code.json"), **common),
             dict(name="chat", source="alpaca_json", path=str(tmp_path / "chat.json"), **common)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cheap_gc():
-    """Freeze the objects alive now (torch, transformers, datasets modules) out of the garbage collector's scans.
-
-    Every Trainer.train() ends in accelerate's ``free_memory()``, a full ``gc.collect()`` that costs ~0.7 s with
-    those modules loaded; these tests run ~50 such phases on a model whose training steps take milliseconds.
-    """
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
@@ -228,27 +213,29 @@ def test_sweep_over_core_fraction_and_scope(tmp_path, tokenizer):
 
 
 def test_recipe_and_cli_parsers():
-    recipe = load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"data_dir": "/data"})
+    path, data = ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"data_dir": str(FIXTURE_DATA)}
+    recipe = load_compare_recipe(path, data)
     tasks = recipe.recipe.tasks
     assert [t.name for t in tasks] == ["gsm8k", "codealpaca", "logiqa", "alpaca"]
-    assert tasks[0].path == "/data/gsm8k/train.jsonl" and all(t.eval_samples > 0 for t in tasks)
-    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct" and recipe.methods == list(DEFAULT_METHODS)
+    assert tasks[0].path == f"{FIXTURE_DATA}/gsm8k/train.jsonl" and all(t.eval_samples > 0 for t in tasks)
+    assert recipe.recipe.model.name_or_path == "offline:smollm2-135m-instruct"
+    assert recipe.methods == list(DEFAULT_METHODS)
     assert recipe.heuristic_groups == [["gsm8k", "logiqa"], ["codealpaca", "alpaca"]]
     assert recipe.training["max_steps"] > 0 and isinstance(recipe.training["learning_rate"], float)
     assert "staging" not in recipe.training and "output_dir" not in recipe.training
     assert recipe.evaluation.metrics["alpaca"] == ["rougeL_proxy"] and recipe.evaluation.forgetting == "nll"
     assert recipe.sweep["core_fractions"][0] == 0.001 and recipe.output_dir == "runs/compare-smollm2-cpu"
     with pytest.raises(DPIConfigError, match="unknown key 'max_stpes'"):
-        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"max_stpes": 3})
+        load_compare_recipe(path, {**data, "max_stpes": 3})
     with pytest.raises(DPIConfigError, match="set by the comparison runner"):
-        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"staging": "given"})
+        load_compare_recipe(path, {**data, "staging": "given"})
     with pytest.raises(DPIConfigError, match=r"\['fusion'\] are set by the comparison runner"):
-        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"fusion": "cpi"})
+        load_compare_recipe(path, {**data, "fusion": "cpi"})
     # cpi's own fields pass to the runner (which applies them to cpi runs only), checked as numbers
-    with_cpi = load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", ["--fusion_stage_fraction", "0.5"])
+    with_cpi = load_compare_recipe(path, ["--data_dir", str(FIXTURE_DATA), "--fusion_stage_fraction", "0.5"])
     assert with_cpi.training["fusion_stage_fraction"] == 0.5
     with pytest.raises(DPIConfigError, match="fusion_factor='big' must be a number"):
-        load_compare_recipe(ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"fusion_factor": "big"})
+        load_compare_recipe(path, {**data, "fusion_factor": "big"})
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true")

@@ -1,4 +1,5 @@
-"""Task loading: every source format on the real shared data and on tiny files, eval carving, verifiers, errors."""
+"""Task loading: every source format on the real data, on the committed fixtures and on tiny files, eval carving,
+verifiers, errors."""
 
 import json
 from pathlib import Path
@@ -6,10 +7,10 @@ from pathlib import Path
 import datasets
 import pytest
 
+from conftest import FIXTURE_DATA, real_data_dir
 from dpi_hf.core.errors import DPIConfigError
 from dpi_hf.data import TaskSpec, extract_final_answer, load_task, load_tasks, score_reasoning_gym
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COLUMNS = ["prompt", "completion", "task", "reference", "meta"]
 
 
@@ -36,13 +37,19 @@ def _check_rows(split, name):
         json.loads(row["meta"])
 
 
-# --- real shared data ------------------------------------------------------------------------------------------------
+# --- the local file formats: on the committed fixtures, and on the real data when it is there ------------------------
 
 
-def test_gsm8k_real():
-    path = SHARED / "gsm8k" / "train.jsonl"
-    dd = load_task({"name": "gsm8k", "source": "gsm8k_jsonl", "path": str(path), "max_samples": 5, "eval_samples": 3})
-    assert set(dd) == {"train", "eval"} and (len(dd["train"]), len(dd["eval"])) == (5, 3)
+@pytest.fixture(params=["fixtures", "real"])
+def data_dir(request) -> Path:
+    """The committed fixture folder, then the real data folder (skipped, or failed in CI, when it is absent)."""
+    return FIXTURE_DATA if request.param == "fixtures" else real_data_dir()
+
+
+def test_gsm8k_file(data_dir):
+    path = data_dir / "gsm8k" / "train.jsonl"
+    dd = load_task({"name": "gsm8k", "source": "gsm8k_jsonl", "path": str(path), "max_samples": 3, "eval_samples": 2})
+    assert set(dd) == {"train", "eval"} and (len(dd["train"]), len(dd["eval"])) == (3, 2)
     _check_rows(dd["train"], "gsm8k")
     questions = {json.loads(line)["question"]: json.loads(line)["answer"] for line in path.open()}
     for row in dd["train"]:
@@ -50,24 +57,37 @@ def test_gsm8k_real():
         assert _answer(row).splitlines()[-1].replace(",", "") == f"#### {row['reference']}"
 
 
-def test_logiqa_real_all_blocks():
-    dd = load_task({"name": "logiqa", "source": "logiqa_txt", "path": str(SHARED / "logiqa" / "Eval.txt"),
-                    "eval_samples": 51})
-    assert (len(dd["train"]), len(dd["eval"])) == (600, 51)
+def test_logiqa_file_all_blocks(data_dir):
+    path = data_dir / "logiqa" / "Eval.txt"
+    blocks = len(path.read_text().rstrip("\n").split("\n")) // 8
+    dd = load_task({"name": "logiqa", "source": "logiqa_txt", "path": str(path), "eval_samples": 1})
+    assert (len(dd["train"]), len(dd["eval"])) == (blocks - 1, 1)
     _check_rows(dd["eval"], "logiqa")
     for row in dd["train"]:
         meta = json.loads(row["meta"])
         assert row["reference"] in "ABCD" and meta["answer"] == row["reference"]
         assert len(meta["options"]) == 4 and all(meta["options"])
         assert extract_final_answer(_answer(row)) == row["reference"]
+
+
+def test_logiqa_real_first_block():
+    dd = load_task({"name": "logiqa", "source": "logiqa_txt", "path": str(real_data_dir() / "logiqa" / "Eval.txt"),
+                    "eval_samples": 51})
+    assert (len(dd["train"]), len(dd["eval"])) == (600, 51)
     first = dd["train"][0]  # the first block of the file: answer "a"
     assert first["reference"] == "A" and "\nA. The blood pressure of the descendants" in _user(first)
 
 
-def test_alpaca_and_codealpaca_real():
-    alpaca = load_task({"name": "alpaca", "source": "alpaca_json", "path": str(SHARED / "alpaca" / "alpaca_5000.json"),
+def test_logiqa_fixture_first_block():
+    first = load_task(TaskSpec("logiqa", "logiqa_txt", str(FIXTURE_DATA / "logiqa" / "Eval.txt")))["train"][0]
+    assert first["reference"] == "B" and "\nA. Anna plays chess.\nB. Anna is not a member" in _user(first)
+
+
+def test_alpaca_and_codealpaca_files(data_dir):
+    alpaca_path = data_dir / "alpaca" / "alpaca_5000.json"
+    alpaca = load_task({"name": "alpaca", "source": "alpaca_json", "path": str(alpaca_path),
                         "max_samples": 40})["train"]
-    records = json.loads((SHARED / "alpaca" / "alpaca_5000.json").read_text())
+    records = json.loads(alpaca_path.read_text())
     by_output = {r["output"]: r for r in records}
     _check_rows(alpaca, "alpaca")
     with_input = 0
@@ -78,18 +98,20 @@ def test_alpaca_and_codealpaca_real():
         if record["input"]:
             with_input += 1
             assert _user(row) == f"{record['instruction']}\n\n{record['input']}"
+        else:
+            assert _user(row) == record["instruction"]
     assert with_input > 0
-    code_path = SHARED / "codealpaca" / "code_alpaca_2k.json"
+    code_path = data_dir / "codealpaca" / "code_alpaca_2k.json"
     code = load_task({"name": "code", "source": "alpaca_json", "path": str(code_path),
                       "max_samples": 3, "system_prompt": "You are a coding assistant."})["train"]
     _check_rows(code, "code")
     assert all(row["prompt"][0] == {"role": "system", "content": "You are a coding assistant."} for row in code)
 
 
-def test_rows_are_trl_conversational_prompt_completion():
+def test_rows_are_trl_conversational_prompt_completion(data_dir):
     from trl.data_utils import is_conversational
 
-    row = load_task({"name": "g", "source": "gsm8k_jsonl", "path": str(SHARED / "gsm8k" / "train.jsonl"),
+    row = load_task({"name": "g", "source": "gsm8k_jsonl", "path": str(data_dir / "gsm8k" / "train.jsonl"),
                      "max_samples": 1})["train"][0]
     assert is_conversational(row)
 
@@ -194,6 +216,13 @@ def test_hub_source_uses_load_dataset(monkeypatch):
     assert (len(dd["train"]), len(dd["eval"])) == (4, 2)
     for row in dd["train"]:
         assert row["reference"] == _user(row)[1:]  # "#### i" extracted from the completion
+
+
+def test_hub_reference_drops_thousands_separators_like_the_gsm8k_file(monkeypatch):
+    rows = [{"question": "q", "answer": "Lots.\n#### 1,080"}, {"question": "r", "answer": "Answer: 1,2 and 3"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list(rows))
+    train = load_task(TaskSpec("g", "hub", "openai/gsm8k", columns={"prompt": "question", "completion": "answer"}))
+    assert train["train"]["reference"] == ["1080", "1,2 and 3"]  # a grouped number only; other text is kept
 
 
 def test_hub_source_defaults_to_messages_and_reports_errors(monkeypatch):
@@ -354,3 +383,77 @@ def test_hub_multiple_choice_mapping(monkeypatch):
     bad = TaskSpec("logiqa", "hub", "x/y", columns={"prompt": "context", "options": "options"})
     with pytest.raises(DPIConfigError, match="needs columns prompt, options and answer"):
         load_task(bad)
+
+
+# --- held-out rows from another generator seed, validation split ------------------------------------------------------
+
+_SMALL_SUMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # 200 questions: repeats are common
+
+
+def _questions(rows):
+    return [r["prompt"][-1]["content"].rsplit("\n\n", 1)[0] for r in rows]  # the question, without the instruction
+
+
+def test_eval_seed_draws_heldout_rows_from_another_seed_without_training_questions():
+    spec = TaskSpec("sums", "reasoning_gym", "chain_sum", max_samples=80, eval_samples=20, validation_samples=10,
+                    seed=3, eval_seed=1003, kwargs=_SMALL_SUMS)
+    report = {}
+    dd = load_task(spec, report)
+    assert (len(dd["train"]), len(dd["eval"]), len(dd["validation"])) == (80, 20, 10)
+    train, held, validation = (set(_questions(dd[s])) for s in ("train", "eval", "validation"))
+    assert not held & train and not validation & (train | held)
+    # the count dropped is exactly the scanned held-out entries that repeat a training (or, for validation, an
+    # eval) question: regenerate the prefix the loader scanned and count them by hand
+    import reasoning_gym
+
+    gen = reasoning_gym.create_dataset("chain_sum", size=report["eval_generated"], seed=1003, **_SMALL_SUMS)
+    kept_eval = [json.loads(r["meta"])["index"] for r in dd["eval"]]
+    kept_validation = [json.loads(r["meta"])["index"] for r in dd["validation"]]
+    eval_dups = sum(gen[i]["question"] in train for i in range(kept_eval[-1] + 1))
+    validation_dups = sum(gen[i]["question"] in train | held for i in range(kept_eval[-1] + 1, kept_validation[-1] + 1))
+    assert report["eval_duplicates_dropped"] == eval_dups > 0
+    assert report["validation_duplicates_dropped"] == validation_dups
+    for row in dd["eval"]:  # the verifier finds each kept entry again from the recipe in its meta
+        meta = json.loads(row["meta"])
+        assert meta["rg_seed"] == 1003 and score_reasoning_gym(row["reference"], meta) == 1.0
+    assert load_task(spec)["eval"]["prompt"] == dd["eval"]["prompt"]  # deterministic
+
+
+def test_eval_seed_rows_change_with_the_seeds_and_none_dropped_when_nothing_repeats():
+    base = dict(name="sums", source="reasoning_gym", path="chain_sum", max_samples=8, eval_samples=4)
+    report = {}
+    dd = load_task(TaskSpec(**base, seed=0, eval_seed=100), report)
+    assert report["eval_duplicates_dropped"] == 0 and "validation" not in dd
+    other = load_task(TaskSpec(**base, seed=1, eval_seed=101))
+    assert _questions(other["train"]) != _questions(dd["train"]) and _questions(other["eval"]) != _questions(dd["eval"])
+
+
+def test_eval_seed_gives_up_on_a_generator_that_only_repeats():
+    spec = TaskSpec("sums", "reasoning_gym", "chain_sum", max_samples=2000, eval_samples=5, seed=0,
+                    eval_seed=1, kwargs=_SMALL_SUMS)  # 2000 draws of 200 questions: every one is a training question
+    with pytest.raises(DPIConfigError, match="repeats its training questions"):
+        load_task(spec)
+
+
+def test_validation_split_is_disjoint_and_leaves_the_eval_split_unchanged(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": str(i)}) + "\n" for i in range(50)))
+    spec = dict(name="t", source="prompt_completion", path=str(path), eval_samples=10, seed=3)
+    plain = load_task(spec)
+    dd = load_task({**spec, "validation_samples": 5})
+    assert dd["eval"]["reference"] == plain["eval"]["reference"]
+    splits = [set(dd[s]["reference"]) for s in ("train", "eval", "validation")]
+    assert [len(s) for s in splits] == [35, 10, 5] and not (splits[0] & splits[1] or splits[0] & splits[2])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "t", "source": "alpaca_json", "path": "x", "eval_seed": 2, "eval_samples": 2}, "only reasoning_gym"),
+    ({"name": "t", "source": "reasoning_gym", "path": "chain_sum", "max_samples": 2, "eval_samples": 2,
+      "eval_seed": 0}, "eval_seed must be an integer other than seed"),
+    ({"name": "t", "source": "reasoning_gym", "path": "chain_sum", "max_samples": 2, "eval_seed": 5},
+     "no row is held out"),
+    ({"name": "t", "path": "a/b", "validation_samples": -1}, "validation_samples must be an integer >= 0"),
+])
+def test_heldout_spec_validation(spec, message):
+    with pytest.raises(DPIConfigError, match=message):
+        TaskSpec.from_dict(spec)

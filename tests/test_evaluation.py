@@ -445,7 +445,7 @@ def test_extract_final_answer():
     assert extract_final_answer("work...\nAnswer: Zoey is a knight") == "Zoey is a knight"
     assert extract_final_answer("answer: 1\nthen Answer:\n42\n") == "42"
     assert extract_final_answer("<answer> 5 </answer> Answer: 6") == "5"
-    assert extract_final_answer("  just 7 ") == "just 7"
+    assert extract_final_answer("  just 7 ") is None  # no marker: no answer (the verifier then scores the whole text)
 
 
 # ---------------------------------------------------------------- registry and macro-average
@@ -513,3 +513,8 @@ def test_local_evaluate_modules_match_functions():
         gsm8k_accuracy(["#### 72", "none"], ["72", "5"])
     with pytest.raises(DPIConfigError, match="valid"):
         metric_path("accuracy")
+    for name in ("codebleu", "rougeL_proxy"):  # the same text-pair interface (one MetricInfo helper)
+        module = load_metric(name)
+        assert set(module.features) == {"predictions", "references"} and module.description
+    assert load_metric("rougeL_proxy").compute(predictions=["a b c"], references=["a b c"]) == \
+        rouge_l_proxy(["a b c"], ["a b c"])

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import time
 import types
 from pathlib import Path
@@ -125,15 +124,6 @@ def test_resolve_model_path(monkeypatch, tmp_path):
 def test_resolve_unknown_offline_key():
     with pytest.raises(DPIConfigError, match="unknown offline model 'tiny'"):
         offline.resolve_model_path("offline:tiny")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The real conversion, once per session: into the default cache when DPI_HF_CACHE is set, else a tmp dir."""
-    cache_dir = None if os.environ.get("DPI_HF_CACHE") else tmp_path_factory.mktemp("offline") / NAME
-    start = time.perf_counter()
-    path = offline.materialize_offline_model(NAME, cache_dir=cache_dir)
-    return path, time.perf_counter() - start
 
 
 @pytest.mark.slow

@@ -1,12 +1,16 @@
-"""Recipes: every YAML in recipes/ validates (keys known, sources well formed, nothing downloaded); overrides,
-variables, type conversion and the errors for unknown keys."""
+"""Recipes: every YAML in recipes/ validates (keys known, sources well formed, nothing downloaded); the local-data
+recipes need --data_dir and their Hub twins map the Hub's columns to the same rows; overrides, variables, type
+conversion and the errors for unknown keys."""
 
+import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import FIXTURE_DATA, real_data_dir
 from dpi_hf.core.errors import DPIConfigError
 from dpi_hf.recipes import (
     Recipe,
@@ -20,7 +24,10 @@ from dpi_hf.recipes import (
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# recipes that read local copies of the datasets from ${data_dir}, and their Hub twins
+LOCAL_RECIPES = sorted(p for p in RECIPES if "${data_dir}" in p.read_text())
+HUB_TWINS = {"smollm2-cpu-local.yaml": "smollm2-cpu-hub.yaml",
+             "compare-smollm2-cpu.yaml": "compare-smollm2-cpu-hub.yaml"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -46,11 +53,11 @@ def _write(tmp_path, data, name="r.yaml"):
 def _validate(path: Path):
     """Validate one recipe file the way its command reads it; GPU recipes with use_cpu so bf16 passes on a CPU."""
     raw_text = yaml.safe_load(path.read_text())
-    overrides = {"data_dir": str(SHARED_DATA)} if "${data_dir}" in path.read_text() else {}
+    overrides = {"data_dir": str(FIXTURE_DATA)} if "${data_dir}" in path.read_text() else {}
     if raw_text.get("bf16"):
         overrides["use_cpu"] = True
     if "sequential" in raw_text:
-        from dpi_hf.compare.sequential import load_sequential_recipe
+        from dpi_hf.compare.forgetting import load_sequential_recipe
 
         return load_sequential_recipe(path, overrides)[0]
     if "compare" in raw_text or "sweep" in raw_text:
@@ -186,17 +193,20 @@ def test_parse_overrides():
 
 
 def test_overrides_reach_fields_sections_tasks_and_variables(tmp_path):
-    data = _minimal(vars={"data_dir": "/nowhere"})
+    (tmp_path / "declared").mkdir()
+    (tmp_path / "given").mkdir()
+    data = _minimal(vars={"data_dir": str(tmp_path / "declared")})
     data["tasks"][0]["path"] = "${data_dir}/a.jsonl"
     path = _write(tmp_path, data)
+    given = tmp_path / "given"
     recipe = load_recipe(path, ["--learning-rate", "3e-4", "--model.dtype", "float32", "--tasks.0.max_samples", "8",
-                                "--tasks.b.eval_samples=2", "--data_dir", "/data", "--eval.metrics.b", "[nll]",
+                                "--tasks.b.eval_samples=2", "--data_dir", str(given), "--eval.metrics.b", "[nll]",
                                 "--core_exclude", "*embed*", "--runtime.num_threads", "1"])
     assert recipe.args.learning_rate == 3e-4 and recipe.args.core_exclude == ["*embed*"]
     assert recipe.model.dtype == "float32" and recipe.runtime.num_threads == 1
-    assert recipe.tasks[0].max_samples == 8 and recipe.tasks[0].path == "/data/a.jsonl"
+    assert recipe.tasks[0].max_samples == 8 and recipe.tasks[0].path == f"{given}/a.jsonl"
     assert recipe.tasks[1].eval_samples == 2 and recipe.eval.metrics == {"b": ["nll"]}
-    assert "/data/a.jsonl" in recipe.to_yaml() and "${data_dir}" not in recipe.to_yaml()
+    assert f"{given}/a.jsonl" in recipe.to_yaml() and "${data_dir}" not in recipe.to_yaml()
 
 
 def test_override_errors_name_the_fix(tmp_path):
@@ -250,6 +260,140 @@ def test_quickstart_tasks_score_their_gold_answers_with_the_verifiers():
         gold = reasoning_gym_score([f"Answer: {r}" for r in rows["reference"]], rows)
         assert gold["reasoning_gym"] == 1.0, task.name
         assert reasoning_gym_score(["Answer: 123456789"] * len(rows), rows)["reasoning_gym"] < 0.5, task.name
+
+
+# --- local-data recipes and their Hub twins -----------------------------------------------------------------------
+
+
+def test_local_recipes_have_no_default_data_folder_and_name_their_twin():
+    assert [p.name for p in LOCAL_RECIPES] == sorted(HUB_TWINS)
+    for path in LOCAL_RECIPES:
+        text = path.read_text()
+        assert "shared/" not in text and "data_dir:" not in text  # no default folder: --data_dir is required
+        header = text.split("\nmodel:")[0]
+        assert "--data_dir DIR" in header and "LOCAL COPIES" in header and f"recipes/{HUB_TWINS[path.name]}" in header
+
+
+@pytest.mark.parametrize("path", LOCAL_RECIPES, ids=lambda p: p.name)
+def test_local_recipe_without_its_data_folder_is_one_error_naming_data_dir(path, tmp_path):
+    with pytest.raises(DPIConfigError, match=r"uses \$\{data_dir\} but no value is given.*pass --data_dir VALUE, the "
+                                             r"folder that holds the local copies"):
+        _validate_without_data(path, {})
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(DPIConfigError, match=rf"reads its rows from '\$\{{data_dir\}}/gsm8k/train.jsonl', but "
+                                             rf"the folder '{re.escape(str(missing))}' does not exist; "
+                                             r"pass --data_dir DIR"):
+        _validate_without_data(path, {"data_dir": str(missing)})
+
+
+def _validate_without_data(path: Path, overrides: dict):
+    raw = yaml.safe_load(path.read_text())
+    if "compare" in raw:
+        from dpi_hf.compare import load_compare_recipe
+
+        return load_compare_recipe(path, overrides)
+    return load_recipe(path, overrides)
+
+
+# the fields of a task that say where its rows come from; everything else must be the same in a twin
+_SOURCE_FIELDS = ("source", "path", "config", "split", "columns", "kwargs")
+
+
+@pytest.mark.parametrize("local_name", sorted(HUB_TWINS))
+def test_hub_twin_is_the_local_recipe_with_hub_sources(local_name):
+    local = read_recipe(ROOT / "recipes" / local_name, {"data_dir": str(FIXTURE_DATA)})
+    twin = read_recipe(ROOT / "recipes" / HUB_TWINS[local_name])
+    assert twin.pop("output_dir") != local.pop("output_dir")
+    local_tasks, twin_tasks = local.pop("tasks"), twin.pop("tasks")
+    assert twin == local  # model, eval, runtime, compare/sweep and every training field
+    assert [t["name"] for t in twin_tasks] == [t["name"] for t in local_tasks]
+    for mine, theirs in zip(twin_tasks, local_tasks):
+        assert mine["source"] == "hub" and HUB_ID.match(mine["path"])
+        assert {k: v for k, v in mine.items() if k not in _SOURCE_FIELDS} == \
+               {k: v for k, v in theirs.items() if k not in _SOURCE_FIELDS}
+    assert not wants_offline(read_recipe(ROOT / "recipes" / HUB_TWINS[local_name]))
+
+
+# The local records that map one to one onto a Hub row: complete records (the file sources reject a record without
+# its fields) and, for LogiQA, blocks whose options carry the labels "A." to "D." that lucasmccabe/logiqa's script
+# strips. Returns the records in the file's own format (JSON objects, or LogiQA's 8-line blocks).
+def _mappable_records(source: str, path: Path) -> tuple[list, int]:
+    if source == "logiqa_txt":
+        lines = path.read_text().rstrip("\n").split("\n")
+        blocks = [lines[i:i + 8] for i in range(0, len(lines), 8)]
+        return [b for b in blocks if all(o.startswith(f"{c}.") for c, o in zip("ABCD", b[4:]))], len(blocks)
+    text = path.read_text()
+    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    needed = ("question", "answer") if source == "gsm8k_jsonl" else ("instruction", "output")
+    return [r for r in records if all(isinstance(r.get(k), str) and r[k].strip() for k in needed)], len(records)
+
+
+def _write_records(source: str, records: list, path: Path) -> None:
+    if source == "logiqa_txt":
+        path.write_text("\n".join(line for block in records for line in block) + "\n")
+    else:
+        path.write_text(json.dumps(records))
+
+
+def _hub_row(source: str, record) -> dict:
+    """The row the Hub dataset has for ``record`` (its columns and value types)."""
+    if source == "gsm8k_jsonl":  # openai/gsm8k (main): question, answer
+        return {"question": record["question"], "answer": record["answer"]}
+    if source == "alpaca_json":  # tatsu-lab/alpaca, sahil2801/CodeAlpaca-20k: instruction, input, output
+        return {"instruction": record["instruction"], "input": record["input"], "output": record["output"]}
+    _, letter, context, query, *options = record  # lucasmccabe/logiqa: context, query, options, correct_option
+    return {"context": context, "query": query, "options": [o[2:] for o in options],
+            "correct_option": "abcd".index(letter.strip())}
+
+
+def _comparable(row: dict) -> dict:
+    meta = json.loads(row["meta"])
+    meta.pop("source")  # "hub" against the file source's name
+    return dict(row, meta=meta)
+
+
+@pytest.fixture(params=["fixtures", "real"])
+def local_data(request) -> Path:
+    """The committed fixture folder, then the real data folder (skipped, or failed in CI, when it is absent)."""
+    return FIXTURE_DATA if request.param == "fixtures" else real_data_dir()
+
+
+@pytest.mark.parametrize("task_name", ["gsm8k", "codealpaca", "logiqa", "alpaca"])
+def test_hub_twin_columns_give_the_local_rows(task_name, local_data, monkeypatch, tmp_path):
+    """The twins' `columns:` mapping for a task, applied to Hub-shaped rows made from the local file, gives the rows
+    the local file source gives (offline: load_dataset is replaced, and asked for the twin's id, config and split)."""
+    import datasets
+
+    from dpi_hf.data import load_task
+
+    pairs = []  # (local spec, twin spec) of this task in every local recipe that has it
+    for local_name, twin_name in HUB_TWINS.items():
+        local = {t.name: t for t in _validate(ROOT / "recipes" / local_name).tasks}
+        twin = {t.name: t for t in _validate(ROOT / "recipes" / twin_name).tasks}
+        if task_name in local:
+            pairs.append((local[task_name], twin[task_name]))
+    assert pairs
+    source_of = lambda spec: (spec.source, spec.path, spec.config, spec.split, spec.columns, spec.kwargs)  # noqa: E731
+    assert len({repr(source_of(mine)) for mine, _ in pairs}) == 1 and len({repr(source_of(t)) for _, t in pairs}) == 1
+    mine, task = pairs[0]
+    mine = dataclasses.replace(mine, path=mine.path.replace(str(FIXTURE_DATA), str(local_data)))
+    records, total = _mappable_records(mine.source, Path(mine.path))
+    assert len(records) >= 0.9 * total > 0
+    _write_records(mine.source, records, tmp_path / task_name)
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split, kwargs))
+        return datasets.Dataset.from_list([_hub_row(mine.source, r) for r in records])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    every_row = {"max_samples": None, "eval_samples": 0}
+    from_hub = load_task(dataclasses.replace(task, **every_row))["train"].to_list()
+    from_file = load_task(dataclasses.replace(mine, path=str(tmp_path / task_name), **every_row))["train"].to_list()
+    assert calls == [(task.path, task.config, task.split, task.kwargs)]
+    assert len(from_hub) == len(from_file) == len(records)
+    for i, (hub_row, file_row) in enumerate(zip(from_hub, from_file)):
+        assert _comparable(hub_row) == _comparable(file_row), i
 
 
 @pytest.mark.parametrize("name, share", [("quickstart.yaml", 0.5), ("compare-smollm2-cpu.yaml", 1.0)])

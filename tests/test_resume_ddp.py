@@ -1,10 +1,13 @@
-"""Kill/resume and 2-process DDP runs of DPITrainer, each in subprocesses (tiny model, CPU, gloo)."""
+"""Kill/resume and 2-process DDP runs of DPITrainer, each in processes of their own (tiny model, CPU, gloo)."""
 
 import json
+import multiprocessing
+from multiprocessing import forkserver
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,16 +22,53 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args, torchrun=False):
+    """run_dpi.py with ``args`` in a process of its own (SIGKILL ends only that one): two ranks under torchrun, or
+    one child forked from a server that imported torch, transformers, trl and dpi_hf once for the whole module."""
+    if not torchrun:
+        return _run_forked(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if torchrun:
-        with socket.socket() as s:  # a free port for the rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), str(SCRIPT), *args]
-    else:
-        cmd = [sys.executable, str(SCRIPT), *args]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(SCRIPT), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+_forkserver = None
+
+
+def _run_forked(args) -> subprocess.CompletedProcess:
+    global _forkserver
+    if _forkserver is None:
+        if str(SCRIPT.parent) not in sys.path:
+            sys.path.insert(0, str(SCRIPT.parent))
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(["run_dpi"])
+        # the server starts as `python -c ...` with this environment: it finds run_dpi through PYTHONPATH (a failed
+        # preload is silent, and every child would import everything again)
+        saved = dict(os.environ)
+        path = [str(SCRIPT.parent)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path))
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    import run_dpi
+
+    with tempfile.TemporaryDirectory() as logs:
+        out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+        child = _forkserver.Process(target=run_dpi.run_in_child, args=([str(a) for a in args], str(out), str(err)))
+        child.start()
+        child.join(600)
+        if child.exitcode is None:  # hung: fail as subprocess.run(timeout=...) would, never look like a SIGKILL
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(["run_dpi.py", *args], 600, err.read_text() if err.exists() else "")
+        return subprocess.CompletedProcess(["run_dpi.py", *args], child.exitcode,
+                                           out.read_text() if out.exists() else "",
+                                           err.read_text() if err.exists() else "")
 
 
 def report(path):
@@ -135,8 +175,7 @@ def test_resume_from_an_explicit_checkpoint_path(tmp_path, reference):
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes(tmp_path, reference):
-    ref_out, ref = reference
+def test_ddp_two_processes(tmp_path):
     out = tmp_path / "run"
     r = run(str(out), "--report", str(tmp_path / "rep"), torchrun=True)
     assert r.returncode == 0, r.stderr[-4000:]

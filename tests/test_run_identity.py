@@ -122,20 +122,29 @@ def test_masks_without_reliability_need_raw_overlap(tmp_path, tokenizer, tasks):
     assert ok.plan.reliability is None and ok.plan.overlap == "raw"
 
 
-def test_sharded_engines_are_refused_before_training(tmp_path, tokenizer, tasks, monkeypatch):
-    """A multi-task run under FSDP/DeepSpeed stops with one clear error instead of restoring the wrong elements."""
+def test_sharded_engines_refused_or_accepted_before_training(tmp_path, tokenizer, tasks, monkeypatch):
+    """A multi-task run under DeepSpeed, or with CPI fusion under FSDP, stops with one clear error before any work;
+    a multi-task run under FSDP2 is built (the sharded pieces: tests/test_sharded_engine.py, the GPU script)."""
     from transformers import Trainer
 
     original = Trainer.__init__
+    engine = {}
 
-    def fsdp_init(self, *args, **kwargs):
+    def sharded_init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        self.is_fsdp_enabled = True  # what accelerate sets under an FSDP launch config
+        for key, value in engine.items():  # what accelerate sets under an FSDP / DeepSpeed launch config
+            setattr(self, key, value)
 
-    monkeypatch.setattr(Trainer, "__init__", fsdp_init)
-    with pytest.raises(DPIConfigError, match="not supported yet.*DDP.*CoreProbeCallback and FreezeMaskCallback"):
+    monkeypatch.setattr(Trainer, "__init__", sharded_init)
+    engine.update(is_deepspeed_enabled=True)
+    with pytest.raises(DPIConfigError, match="under DeepSpeed is not supported.*steps inside backward.*FSDP2"):
         _trainer(tmp_path, tokenizer, tasks)
     assert not (tmp_path / "out" / "dpi").exists()
+    engine.update(is_deepspeed_enabled=False, is_fsdp_enabled=True)
+    with pytest.raises(DPIConfigError, match="fusion='cpi' is not supported under FSDP"):
+        _trainer(tmp_path, tokenizer, tasks, fusion="cpi")
+    trainer = _trainer(tmp_path, tokenizer, tasks)
+    assert trainer.tasks is not None and not (tmp_path / "out" / "dpi").exists()
 
 
 def test_callbacks_refuse_what_they_cannot_do_exactly(tmp_path, tokenizer, tasks, monkeypatch):

@@ -1,4 +1,5 @@
-"""The protect-an-existing-skill workflow from the command line, and the sequential scenario (`dpi-hf sequential`)."""
+"""The protect-an-existing-skill workflow from the command line, and the forgetting benchmark (`dpi-hf sequential`)
+end to end on a tiny model with reasoning-gym tasks."""
 
 import json
 
@@ -9,7 +10,6 @@ from safetensors.torch import load_file
 from test_cli import _assert_one_line_error, _run, _tiny_recipe, tiny_model_dir  # noqa: F401  (fixture)
 
 from dpi_hf import load_cores
-from dpi_hf.compare.sequential import SequentialSettings, summarize
 
 
 def _one_task(path, name, **fields):
@@ -55,80 +55,132 @@ def test_probe_one_task_then_train_another_with_its_cores_protected(capsys, tmp_
     assert not (tmp_path / "rev2").exists()
 
 
-def _sequential_recipe(tmp_path, model_dir):
+_SUMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+_METHODS = ["none", "freeze", "random_per_tensor", "other_core", "ewc", "lora", "wise_ft", "core_interp", "replay"]
+
+
+def _forgetting_recipe(tmp_path, model_dir):
+    """Two short reasoning-gym tasks (A: sums; B: three-term arithmetic) on the conftest tiny model, 2 steps each."""
     path = _tiny_recipe(tmp_path, model_dir)
     recipe = yaml.safe_load(path.read_text())
-    for k in ("core_fraction", "jaccard_threshold"):
+    for k in ("core_fraction", "jaccard_threshold", "eval"):
         recipe.pop(k)
-    recipe.update(max_steps=3, probe_steps=2, output_dir=str(tmp_path / "seq"), learning_rate=5e-2)
-    recipe["sequential"] = {"pairs": [["add", "rev"]], "signals": ["fisher", "update"], "core_fractions": [0.05],
-                            "seeds": [0, 1], "nll_samples": 4}
+    recipe["tasks"] = [
+        {"name": "sums", "source": "reasoning_gym", "path": "chain_sum", "kwargs": _SUMS, "max_samples": 16,
+         "eval_samples": 4, "validation_samples": 4, "seed": 1, "eval_seed": 101},
+        {"name": "arith", "source": "reasoning_gym", "path": "basic_arithmetic", "max_samples": 16,
+         "eval_samples": 4, "validation_samples": 4, "seed": 2, "eval_seed": 102},
+    ]
+    recipe.update(max_steps=2, probe_steps=2, probe_updates_weights=False, output_dir=str(tmp_path / "seq"),
+                  learning_rate=5e-2, per_device_train_batch_size=2, max_length=200)
+    recipe["sequential"] = {
+        "pairs": [["sums", "arith"]], "seeds": [0], "methods": _METHODS, "max_new_tokens": 4, "eval_batch_size": 4,
+        "bootstrap_reps": 200,
+        "grids": {"freeze": {"p": [0.01, 0.05]}, "ewc": {"form": "decoupled", "lambda": [1.0, 100.0]},
+                  "lora": {"r": 2, "learning_rate": 1e-2}, "wise_ft": {"base": "none", "alpha": [0.5]},
+                  "core_interp": {"alpha_core": 0.0, "alpha_rest": 1.0}, "replay": {"fraction": 0.25}}}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def test_sequential_scenario_end_to_end(capsys, tmp_path, tiny_model_dir):
-    path = _sequential_recipe(tmp_path, tiny_model_dir)
+@pytest.mark.slow
+def test_forgetting_benchmark_end_to_end_and_resumes(capsys, tmp_path, tiny_model_dir):
+    path = _forgetting_recipe(tmp_path, tiny_model_dir)
     rc, out, err = _run(capsys, "sequential", path)
     assert rc == 0, err
     seq = tmp_path / "seq"
-    results = json.loads((seq / "sequential.json").read_text())
-    conditions = ["none", "fisher 5%", "update 5%", "fisher-nostep 5%", "random 5%"]
-    assert [r["condition"] for r in results["runs"] if r["seed"] == 0] == conditions
-    assert sorted({r["seed"] for r in results["runs"]}) == [0, 1]
+    results = json.loads((seq / "forgetting.json").read_text())
+    labels = [r["label"] for r in results["runs"]]
+    assert labels == ["none", "freeze p=0.01", "freeze p=0.05", "random_per_tensor", "other_core",
+                      "ewc form=decoupled lambda=1", "ewc form=decoupled lambda=100", "lora r=2 learning_rate=0.01",
+                      "wise_ft base=none alpha=0.5", "core_interp alpha_core=0 alpha_rest=1", "replay fraction=0.25"]
+    a_model = results["a_models"]["sums->arith|0"]
+    assert set(a_model) >= {"base", "after_a", "majority", "data", "validation_after_a"}
+    assert len(a_model["after_a"]["a"]["scores"]) == 4 and a_model["data"]["sums"]["eval_duplicates_dropped"] >= 0
     for r in results["runs"]:
-        assert r["forgetting"] == pytest.approx(r["nll_a"] - r["nll_a_after_a"])
-        assert r["learning"] == pytest.approx(r["nll_b_after_a"] - r["nll_b"])
-        assert r["steps"] == 3
-    # every protected condition froze the same number of elements (the random control is the same size)
-    sizes = {r["elements"] for r in results["runs"] if r["condition"] != "none"}
-    assert len(sizes) == 1 and sizes.pop() > 0
-    # each protected run's cores file was written on the A model and protected through the product path
-    for cond in ("fisher-5pct", "random-5pct"):
-        record = json.loads((seq / "add-then-rev" / "seed-0" / "b" / cond / "dpi" / "protected.json").read_text())
-        assert record["tasks"] == ["add"] and record["source"].endswith(cond)
-    assert "### add → rev (2 seeds" in out and (seq / "sequential.png").is_file()
-    # a rerun reuses every finished run (nothing trains again)
-    mtime = (seq / "sequential.json").stat().st_mtime_ns
+        assert r["forgetting"] == pytest.approx(r["after_b"]["a"]["accuracy"] - r["after_a"]["a"]["accuracy"])
+        assert r["learning"] == pytest.approx(r["after_b"]["b"]["accuracy"] - r["after_a"]["b"]["accuracy"])
+        assert len(r["scores"]["a"]) == len(r["scores"]["b"]) == 4 and set(r["validation"]) == {"a", "b"}
+        post_hoc = r["method"] in ("wise_ft", "core_interp")
+        assert (r["steps"], r["examples"]) == ((0, 0) if post_hoc else (2, 4))
+    by = {r["label"]: r for r in results["runs"]}
+    # each run measured its own model (a deep copy of a model a Trainer has trained would still compute with the
+    # original's weights: the harness copies only a θ_A no Trainer touched)
+    nlls = {label: r["after_b"]["b"]["nll"] for label, r in by.items()}
+    assert len(set(nlls.values())) == len(nlls) and by["none"]["after_a"]["b"]["nll"] not in nlls.values()
+    # the controls froze exactly the core's size; per tensor, exactly its per-tensor counts
+    assert by["random_per_tensor"]["frozen_elements"] == by["freeze p=0.05"]["frozen_elements"] > 0
+    assert by["freeze p=0.01"]["frozen_elements"] < by["freeze p=0.05"]["frozen_elements"]
+    assert by["ewc form=decoupled lambda=1"]["frozen_elements"] == by["none"]["frozen_elements"] == 0
+    assert by["lora r=2 learning_rate=0.01"]["trainable_parameters"] < by["none"]["trainable_parameters"]
+    assert by["wise_ft base=none alpha=0.5"]["base"] == "none"
+    # every p and the EWC weights came from one stored importance of A at θ_A (the trainer's probe path)
+    run_dir = seq / "sums-then-arith" / "seed-0"
+    assert (run_dir / "probe-sums" / "dpi" / "importance.safetensors").is_file()
+    assert (run_dir / "probe-arith" / "dpi" / "importance.safetensors").is_file()  # other_core: B's core at θ_A
+    assert (run_dir / "cores" / "core-p0.05" / "dpi" / "importance.safetensors").is_file()
+    protected = json.loads((run_dir / "b2" / "freeze_p=0.05" / "dpi" / "protected.json").read_text())
+    assert protected["tasks"] == ["sums"]
+    # the summary, the table with the command, the plot
+    group = results["summary"]["sums->arith | B 2 steps"]
+    assert group["seeds"] == [0] and set(group["settings"]) == set(labels)
+    assert group["chosen"]["ewc form=decoupled"] in {"ewc form=decoupled lambda=1", "ewc form=decoupled lambda=100"}
+    assert results["chosen"]["sums->arith | B 2 steps"] == group["chosen"]
+    table = (seq / "results.md").read_text()
+    assert f"dpi-hf sequential {path}" in table and "| freeze p=0.05 |" in table and (seq / "pareto.png").is_file()
+    # a rerun reuses every finished run (nothing is trained or measured again)
     rc, out, err = _run(capsys, "sequential", path)
-    assert rc == 0 and "training add" not in out
-    assert json.loads((seq / "sequential.json").read_text())["runs"] == results["runs"]
-    assert (seq / "sequential.json").stat().st_mtime_ns >= mtime
+    assert rc == 0, err
+    assert "[sequential] sums->arith seed 0" not in out  # no model loaded, trained or measured
+    assert json.loads((seq / "forgetting.json").read_text())["runs"] == results["runs"]
+    # another B length, one method: only its runs are added; the A model is reused from disk
+    rc, out, err = _run(capsys, "sequential", path, "--methods", "none", "wise_ft", "--b_steps", "1")
+    assert rc == 0, err
+    assert "reusing the A model" in out and "training sums" not in out
+    runs = json.loads((seq / "forgetting.json").read_text())["runs"]
+    assert [(r["label"], r["b_steps"], r["steps"]) for r in runs[len(labels):]] == [
+        ("none", 1, 1), ("wise_ft base=none alpha=0.5", 1, 0)]
+    # the settings chosen on the validation rows restrict each line of a later run (here: nothing left to run)
+    rc, out, err = _run(capsys, "sequential", path, "--best_from", seq / "forgetting.json", "--methods", "ewc")
+    assert rc == 0, err
+    assert f"ewc form=decoupled: {group['chosen']['ewc form=decoupled']}" in out
+    assert "[sequential] sums->arith seed 0" not in out
 
 
-def test_sequential_summary_by_hand():
-    runs = [
-        {"pair": "a->b", "seed": s, "condition": c, "signal": sig, "core_fraction": p, "elements": 10,
-         "nll_a_after_a": 1.0, "nll_b_after_a": 2.0, "nll_a": 1.0 + f, "nll_b": nb, "forgetting": f,
-         "learning": 2.0 - nb, "seconds_per_step": 1.0}
-        for s, c, sig, p, f, nb in [
-            (0, "none", None, None, 0.10, 1.50), (0, "fisher 5%", "fisher", 0.05, 0.04, 1.52),
-            (1, "none", None, None, 0.20, 1.40), (1, "fisher 5%", "fisher", 0.05, 0.05, 1.46),
-            (0, "random 5%", "random", 0.05, 0.09, 1.50), (1, "random 5%", "random", 0.05, 0.18, 1.40),
-        ]
-    ]
-    summary = summarize(runs)["a->b"]
-    s = summary["fisher 5%"]
-    # pooled: 1 - mean F / mean F_none = 1 - 0.045 / 0.15 (fisher) and 1 - 0.135 / 0.15 (random)
-    assert s["pooled_share_removed"] == pytest.approx(0.7)
-    assert summary["random 5%"]["pooled_share_removed"] == pytest.approx(0.1)
-    assert s["vs_random"] == pytest.approx(7.0) and summary["random 5%"]["vs_random"] is None
-    assert s["share_removed"]["n"] == 2
-    assert s["share_removed"]["values"] == pytest.approx([0.6, 0.75])
-    assert s["share_removed"]["mean"] == pytest.approx(0.675)
-    assert s["share_removed"]["std"] == pytest.approx(0.10606601717798213)
-    assert s["cost"]["values"] == pytest.approx([0.02, 0.06])
+def test_each_harness_seed_draws_other_rows(tmp_path, tiny_model_dir):
+    from dpi_hf.compare.forgetting import load_sequential_recipe
+    from dpi_hf.compare.forgetting.runner import SeedRun
+
+    recipe, settings, _ = load_sequential_recipe(_forgetting_recipe(tmp_path, tiny_model_dir))
+    rows = []
+    for seed in (0, 1):
+        run = SeedRun(recipe, settings, settings.pairs[0], seed, tmp_path, {}, None, print)
+        run._load_data()
+        rows.append({split: run.data["sums"][split]["prompt"] for split in ("train", "eval", "validation")})
+    for split in ("train", "eval", "validation"):
+        assert rows[0][split] != rows[1][split], split
 
 
-def test_sequential_settings_errors():
-    from dpi_hf import DPIConfigError
-
-    with pytest.raises(DPIConfigError, match="not tasks of the recipe"):
-        SequentialSettings.from_dict({"pairs": [["a", "zzz"]]}, ["a", "b"])
-    with pytest.raises(DPIConfigError, match="pair of two different"):
-        SequentialSettings.from_dict({"pairs": [["a", "a"]]}, ["a", "b"])
-    with pytest.raises(DPIConfigError, match="unknown key"):
-        SequentialSettings.from_dict({"seedz": [1]}, ["a", "b"])
-    with pytest.raises(DPIConfigError, match="core_fraction"):
-        SequentialSettings.from_dict({"core_fractions": [5]}, ["a", "b"])
-    assert SequentialSettings.from_dict(None, ["a", "b", "c"]).pairs == [["a", "b"]]
+def test_forgetting_benchmark_bad_input(capsys, tmp_path, tiny_model_dir):
+    path = _forgetting_recipe(tmp_path, tiny_model_dir)
+    capsys.readouterr()  # the fixture's own output
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.grids.ewc.lambda", "[-1]")
+    _assert_one_line_error(rc, err, "λ must be a number >= 0")
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.grids.ewc.lambda", "[.nan]")
+    _assert_one_line_error(rc, err, "λ must be a number >= 0")
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.b_learning_rate", ".nan")
+    _assert_one_line_error(rc, err, "must be a number > 0")
+    rc, _, err = _run(capsys, "sequential", path, "--seeds", "0", "0")  # the CLI's seeds are validated too
+    _assert_one_line_error(rc, err, "distinct integers")
+    rc, _, err = _run(capsys, "sequential", path, "--sequential.reference_gain", "5")
+    _assert_one_line_error(rc, err, "reference_gain must be an accuracy gain in [-1, 1]")
+    rc, _, err = _run(capsys, "sequential", path, "--best_pair", "sums->arith")
+    _assert_one_line_error(rc, err, "give --best_from")
+    rc, _, err = _run(capsys, "sequential", path, "--best_from", tmp_path / "nope.json")
+    _assert_one_line_error(rc, err, "does not exist")
+    recipe = yaml.safe_load(path.read_text())
+    recipe["tasks"][0]["validation_samples"] = 0
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    rc, _, err = _run(capsys, "sequential", path)
+    _assert_one_line_error(rc, err, "task 'sums' has no validation split", "validation_samples")
+    assert not (tmp_path / "seq" / "forgetting.json").exists()  # stopped before any work

@@ -38,8 +38,9 @@ def test_distributed_selection_equals_one_process(tmp_path):
     r = torchrun("sharded_select.py", tmp_path / "rep")
     assert r.returncode == 0, r.stderr[-4000:]
     rep = reports(tmp_path / "rep")
+    # each case: every rank's ShardedCoreMask holds exactly its rows of the one-process core, with global counts,
+    # and gather() builds the one-process core on rank 0
     assert rep[0]["cases"] == rep[1]["cases"] == 289
-    assert rep[0]["digest"] == rep[1]["digest"]  # the same CoreMask on every rank
     for rank in range(2):
         errors = rep[rank]["errors"]
         # a NaN on rank 1 only is raised on both ranks, naming the tensor, for both scopes
@@ -69,11 +70,13 @@ def test_fsdp2_probe_select_freeze_and_resume(tmp_path):
     for rep in probe:
         assert rep["same_as_one_process"] and rep["same_as_gathered"] and rep["per_tensor_same_as_gathered"]
         assert rep["count"] == 6030  # ⌊0.02 · 301,536⌋
+        assert 0 < rep["local_count"] < 6030  # each rank holds only the core elements of its own rows
         assert rep["restored_exact"]
         assert rep["frozen_identical"] and rep["moved"] > 250_000
         # θ0 per rank: about half of the model (the shards of this model are even)
         assert 0.45 <= rep["theta0_bytes"] / rep["full_bytes"] <= 0.55
     assert probe[0]["theta0_bytes"] + probe[1]["theta0_bytes"] == probe[0]["full_bytes"]
+    assert probe[0]["local_count"] + probe[1]["local_count"] == 6030
 
     killed = tmp_path / "killed"
     (tmp_path / "killed.core.pt").write_bytes(Path(f"{out}.core.pt").read_bytes())
@@ -87,6 +90,45 @@ def test_fsdp2_probe_select_freeze_and_resume(tmp_path):
         assert rep["resumed_at"] in (2, 3)  # after the last step both ranks had saved
         assert rep["frozen_identical"]
         assert rep["final"] == probe[rank]["final"]  # bit-identical shards to the uninterrupted stage
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_multitask_pieces_equal_one_process(tmp_path):
+    """The multi-task DPITrainer's pieces on a fully_shard tiny Llama with tied embeddings, 2 ranks: θ0 half per
+    rank, Σg² probes per shard, per-rank core parts (ShardedCoreMask) that gather to the one-process cores, the same
+    plan, stage state saved by DPITrainer's own code as one safetensors file of local shards per rank, stage 2 with
+    the first core frozen on the local shards (bit-identical), a resume from the per-rank files, and final weights
+    equal to the unsharded run's bit for bit."""
+    out = tmp_path / "r"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "fsdp2_pieces.py"), "single", str(out)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = torchrun("fsdp2_pieces.py", "sharded", out)
+    assert r.returncode == 0, r.stderr[-4000:]
+    single = json.loads(Path(f"{out}.single.0").read_text())
+    ranks = [json.loads(Path(f"{out}.sharded.{rank}").read_text()) for rank in range(2)]
+    assert single["tied"] and single["stage_file"] == "stage-0.safetensors"
+    assert single["plan"]["stages"] == [["a"], ["b"]] and single["frozen_count"] == single["core_counts"]["a"]
+    for rank, rep in enumerate(ranks):
+        assert rep["tied"] and rep["theta0_fraction"] == 0.5
+        assert rep["sharded_cores"] == "ShardedCoreMask"
+        assert rep["core_counts"] == single["core_counts"]  # global counts on every rank
+        assert rep["plan"] == single["plan"]  # overlaps computed by collectives: the same plan
+        assert rep["stage_file"] == f"stage-0.rank{rank}-of-2.safetensors"
+        assert rep["frozen_count"] == single["frozen_count"]
+        assert rep["frozen_identical"] and rep["moved"] == single["moved"] > 100_000
+        assert rep["final"] == single["final"]  # bit-identical to the unsharded run
+        assert rep["resumed_exact"] and rep["resumed_final"] == single["final"] and rep["resumed_frozen_identical"]
+        assert "another number of processes" in rep["other_world_error"]
+        assert rep["shard_mask_equal"]
+        assert rep["union_with_global"] == single["union_with_global"]
+        assert rep["intersection"] == single["intersection"]
+    for task, count in single["core_counts"].items():
+        assert ranks[0]["local_counts"][task] + ranks[1]["local_counts"][task] == count
+        assert 0 < ranks[0]["local_counts"][task] < count
+    assert ranks[0]["cores"] == single["cores"]  # gathered on rank 0, saved, reloaded: the one-process cores
+    assert "cores" not in ranks[1]
 
 
 # ------------------------------------------------------------------------------------------------ in process
@@ -238,10 +280,11 @@ def test_engine_memory_per_rank():
     assert m["theta0_shard"] == local * 2  # bf16 θ0 shard
     assert m["signal"] == local * 4  # one fp32 accumulator per local element
     assert m["frozen"] == int(0.03 * local) * (4 + 2)  # int32 position + bf16 value
-    assert m["cores"] == 5 * int(0.01 * n) * 4  # int32 global indices beat a 1-bit mask at p = 1%
+    # each rank holds its rows' part of each core: int32 indices beat a 1-bit mask at p = 1%
+    assert m["cores"] == 5 * int(0.01 * local) * 4
     assert m["total"] == m["theta0_shard"] + m["signal"] + m["frozen"] + m["cores"]
     assert m["bytes_per_parameter"]["theta0_shard"] == pytest.approx(2 / 8, rel=1e-6)
     fp32 = engine_memory_per_rank(n, world_size=8, param_dtype=torch.float32)
     assert fp32["theta0_shard"] == 2 * m["theta0_shard"]
     # at p = 5% a packed bitmask (1 bit) is smaller than int32 indices (1.6 bits)
-    assert engine_memory_per_rank(n, core_fraction=0.05)["cores"] == 5 * -(-n // 8)
+    assert engine_memory_per_rank(n, core_fraction=0.05)["cores"] == 5 * -(-local // 8)

@@ -60,12 +60,16 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path):
 
 def test_one_answer_rule_for_data_and_evaluation():
     from dpi_hf.data import extract_final_answer as data_rule
-    from dpi_hf.evaluation import extract_final_answer as verifier_answer
+    from dpi_hf.evaluation import extract_final_answer as evaluation_rule
+    from dpi_hf.evaluation import reasoning_gym_eval
+    from dpi_hf.evaluation.answers import extract_final_answer
 
-    for text in ("work\n#### 72", "**Answer:** 42", "answer: 1\nthen Answer:\n42\n", "<answer> 5 </answer> Answer: 6",
-                 "Answer:\n1 2\n3 4\n"):
-        assert data_rule(text) == verifier_answer(text)
-    assert data_rule("no marker") is None and verifier_answer(" no marker ") == "no marker"
+    # defined once: the data loader, the evaluation package and the verifier use the same function
+    assert data_rule is evaluation_rule is reasoning_gym_eval.extract_final_answer is extract_final_answer
+    assert data_rule("no marker") is None
+    # the verifier scores a completion without a marker whole
+    assert reasoning_gym_eval._verifier_answer(" no marker ") == "no marker"
+    assert reasoning_gym_eval._verifier_answer("work\n#### 72") == "72"
 
 
 def test_cli_output_setup_filters_bitsandbytes_noise_and_formats_library_lines(capsys, monkeypatch):

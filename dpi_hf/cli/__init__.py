@@ -1,8 +1,9 @@
 """The ``dpi-hf`` command line: a thin dispatcher over one small module per verb.
 
-Each verb module (``dpi_hf/cli/<verb>.py``) defines ``NAME``, ``TAKES_OVERRIDES`` (whether unparsed ``--FIELD VALUE``
-tokens are recipe overrides), ``add_parser(subparsers, parents)`` and ``run(args, extra) -> int``; :data:`VERBS`
-lists them in ``--help`` order. Adding a verb is one module and one entry in :data:`VERBS`.
+Each verb module (``dpi_hf/cli/<verb>.py``) declares its verb once, as ``VERB``, a
+:class:`~dpi_hf.cli.common.Verb` (name, help texts, its arguments, its ``run(args, extra) -> int`` and whether
+unparsed ``--FIELD VALUE`` tokens are recipe overrides); :data:`VERBS` lists the modules in ``--help`` order. Adding a
+verb is one module and one entry in :data:`VERBS`.
 
 Every command turns bad input (a missing file, invalid YAML, an unknown key, a missing offline model, ...) into one
 line on stderr naming the problem and the fix, and exit status 2; a diverged probe exits with status 3 and
@@ -15,23 +16,27 @@ import argparse
 import importlib
 import sys
 
-from ..core.errors import DPIConfigError, ProbeDivergedError
-from .output import one_line, setup_output
-from .push import PUSH_IGNORE  # noqa: F401  (kept importable as dpi_hf.cli.PUSH_IGNORE)
+from .output import install_noise_filters, one_line, setup_output
+
+install_noise_filters()  # first: before any import below or any verb can import TRL (and with it bitsandbytes)
+
+from ..core.errors import DPIConfigError, ProbeDivergedError  # noqa: E402
+from .push import PUSH_IGNORE  # noqa: E402,F401  (kept importable as dpi_hf.cli.PUSH_IGNORE)
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 # the verb modules under dpi_hf/cli/, in --help order (each names its verb: NAME)
-VERBS = ("train", "probe", "plan", "inspect_cores", "push", "compare", "sweep", "sequential", "materialize_model")
+VERBS = ("train", "probe", "plan", "inspect_cores", "push", "merge", "compare", "sweep", "sequential",
+         "materialize_model")
 _EXAMPLES = ("examples:\n  dpi-hf train recipes/quickstart.yaml\n  dpi-hf inspect runs/quickstart\n"
              "  dpi-hf plan runs/quickstart --jaccard-threshold 0.3\n  dpi-hf push runs/quickstart me/my-dpi-model")
 
 
 def _verbs() -> dict:
-    """Verb name → its module."""
-    modules = [importlib.import_module(f"{__name__}.{name}") for name in VERBS]
-    return {m.NAME: m for m in modules}
+    """Verb name → its :class:`~dpi_hf.cli.common.Verb`."""
+    verbs = [importlib.import_module(f"{__name__}.{module}").VERB for module in VERBS]
+    return {v.name: v for v in verbs}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in _verbs().values():
-        module.add_parser(sub, parents=[common])
+    for verb in _verbs().values():
+        verb.add_parser(sub, parents=[common])
     return parser
 
 
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     debug = getattr(args, "debug", False)
     verb = _verbs()[args.command]
-    if extra and not verb.TAKES_OVERRIDES:
+    if extra and not verb.takes_overrides:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return verb.run(args, extra)

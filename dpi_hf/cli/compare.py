@@ -4,38 +4,19 @@
 from __future__ import annotations
 
 import argparse
+
 from typing import Sequence
 
 from ..compare.settings import METHODS
-from .common import add_seeds_and_resume, print_written, verb_parser
+from .common import Verb, add_seeds_and_resume, print_written
 from .output import setup_output
 
-NAME = "compare"
-TAKES_OVERRIDES = True
 
-
-def add_compare_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
-    """Add ``compare RECIPE.yaml [--seeds S ...] [--methods M ...] [--no-resume] [--FIELD VALUE ...]``.
-
-    Run it with :func:`compare_command` ``(args, overrides)``, where ``overrides`` are the unparsed
-    ``--FIELD VALUE`` tokens (recipe overrides, as for ``dpi-hf train``).
-
-    Args:
-        subparsers: the ``add_subparsers()`` object of the ``dpi-hf`` parser.
-        parents: parent parsers whose options the subcommand shares (e.g. one with ``--debug``; default none).
-    """
-    p = verb_parser(
-        subparsers, parents, "compare",
-        help="train the paper's four methods on the same budget and evaluate them",
-        usage="dpi-hf compare RECIPE.yaml [--seeds S ...] [--methods M ...] [--no-resume] [--FIELD VALUE ...]",
-        description="Train multitask, multistage_random, multistage_heuristic and dpi on the recipe's tasks with "
-                    "the same training budget, evaluate the base model and every trained model on every task, and "
-                    "write results.json, results.md, scores.png and forgetting.png to the recipe's output_dir. "
-                    "Overrides such as --max_steps 20 or --data_dir DIR apply to the recipe (see docs/evaluation.md).")
+def _arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf compare`` to its parser."""
     p.add_argument("recipe", metavar="RECIPE.yaml", help="a comparison recipe, e.g. recipes/compare-smollm2-cpu.yaml")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="the methods (default: the paper's four; cpi, DPI with CPI-FT fusion, by name)")
     add_seeds_and_resume(p, "compare", "runs")
-    return p
 
 
 def compare_command(args, overrides: Sequence[str] = ()) -> int:
@@ -53,6 +34,14 @@ def compare_command(args, overrides: Sequence[str] = ()) -> int:
     return 0
 
 
-# the verb interface of dpi_hf.cli (see its docstring)
-add_parser = add_compare_parser
-run = compare_command
+VERB = Verb(
+    "compare",
+    help="train the paper's four methods on the same budget and evaluate them",
+    usage="dpi-hf compare RECIPE.yaml [--seeds S ...] [--methods M ...] [--no-resume] [--FIELD VALUE ...]",
+    description="Train multitask, multistage_random, multistage_heuristic and dpi on the recipe's tasks with "
+                "the same training budget, evaluate the base model and every trained model on every task, and "
+                "write results.json, results.md, scores.png and forgetting.png to the recipe's output_dir. "
+                "Overrides such as --max_steps 20 or --data_dir DIR apply to the recipe (see docs/evaluation.md).",
+    arguments=_arguments, run=compare_command, takes_overrides=True,
+)
+add_compare_parser = VERB.add_parser  # the verb in a parser of your own

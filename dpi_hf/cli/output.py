@@ -14,10 +14,16 @@ import sys
 from ..core.errors import DPIConfigError
 
 LOG_FORMAT = "[dpi-hf] %(message)s"
-# Messages printed while other libraries are imported that say nothing about this run, by logger name.
+# Messages logged while other libraries are imported that say nothing about this run, by logger name. Importing TRL
+# imports peft, which imports bitsandbytes; on a CPU with AVX512-BF16, bitsandbytes then asks the `kernels` package
+# for an optional Hub kernel (a Hub lookup at import time) and logs the outcome: with the Hub offline (as the
+# quickstart runs) `kernels` logs that it skips the publisher check, and bitsandbytes that the kernel did not load;
+# it falls back to its own CPU code either way. Nobody configured logging then, so Python's last-resort handler prints
+# the records to stderr, ahead of the command's own first line: the filters must be on these loggers before
+# TRL is imported, i.e. when dpi_hf.cli is imported (see install_noise_filters).
 _NOISE = {
-    # bitsandbytes on a CPU without the optional `kernels` package (importing TRL imports bitsandbytes)
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "kernels._internals.hf_hub": "Skipping publisher trust check",
 }
 
 
@@ -48,6 +54,15 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+def install_noise_filters() -> None:
+    """Drop the import-time messages of :data:`_NOISE` (once per logger); called when :mod:`dpi_hf.cli` is imported,
+    before any verb imports TRL."""
+    for name, prefix in _NOISE.items():
+        noisy = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in noisy.filters):
+            noisy.addFilter(_DropPrefix(prefix))
+
+
 def setup_output() -> None:
     """Install the ``[dpi-hf]`` log handler on the ``dpi_hf`` logger (once) and the noise filters."""
     library = logging.getLogger("dpi_hf")
@@ -57,10 +72,7 @@ def setup_output() -> None:
         library.addHandler(handler)
         library.propagate = False
     library.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    for name, prefix in _NOISE.items():
-        noisy = logging.getLogger(name)
-        if not any(isinstance(f, _DropPrefix) for f in noisy.filters):
-            noisy.addFilter(_DropPrefix(prefix))
+    install_noise_filters()
 
 
 def one_line(err: BaseException) -> str:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 from ..core.planning import OVERLAPS, STAGE_ORDERS
-from .common import load_run_cores, verb_parser
-
-NAME = "plan"
-TAKES_OVERRIDES = False
+from .common import Verb, load_run_cores
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``plan`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    plan = verb_parser(
-        subparsers, parents, "plan",
-        help="re-plan the stages from a run's saved cores, without probing again",
-        description="Group the tasks of a finished run by core overlap again, with another threshold or order, "
-                    "from OUTPUT_DIR/dpi/cores.safetensors; prints the Jaccard matrix and the stages. To train with "
-                    "the new plan: dpi-hf train RECIPE --masks_from OUTPUT_DIR --jaccard_threshold TAU.",
-    )
+def _arguments(plan: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf plan`` to its parser."""
     plan.add_argument("output_dir", metavar="OUTPUT_DIR", help="a DPI run's output_dir (or its dpi/ folder)")
     plan.add_argument("--jaccard-threshold", type=float, default=None, metavar="TAU",
                       help="τ in [0, 1]: tasks with core overlap J >= τ share a stage (default: the run's τ; on "
@@ -39,7 +31,6 @@ def add_parser(subparsers, parents=()):
     plan.add_argument("--save", metavar="FILE", default=None,
                       help="also write the new plan as JSON to FILE (the run's own plan.json is never changed)")
     plan.add_argument("--plot", metavar="FILE.png", default=None, help="also draw the overlap heatmap to FILE.png")
-    return plan
 
 
 def run(args, _extra) -> int:
@@ -87,3 +78,13 @@ def _run_seed(output_dir) -> int:
 
     record = json.loads((find_dpi_dir(output_dir) / PLAN_FILE).read_text())
     return int(record.get("run_identity", {}).get("budget", {}).get("seed", 0) or 0)
+
+
+VERB = Verb(
+    "plan",
+    help="re-plan the stages from a run's saved cores, without probing again",
+    description="Group the tasks of a finished run by core overlap again, with another threshold or order, "
+                "from OUTPUT_DIR/dpi/cores.safetensors; prints the Jaccard matrix and the stages. To train with "
+                "the new plan: dpi-hf train RECIPE --masks_from OUTPUT_DIR --jaccard_threshold TAU.",
+    arguments=_arguments, run=run, takes_overrides=False,
+)

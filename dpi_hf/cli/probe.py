@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..core.errors import DPIConfigError
-from .common import verb_parser
-
-NAME = "probe"
-TAKES_OVERRIDES = True
+from .common import Verb
 
 
-def add_parser(subparsers, parents=()):
-    """Add the ``probe`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    probe = verb_parser(
-        subparsers, parents, "probe",
-        help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
-        usage="dpi-hf probe RECIPE.yaml [--debug] [--FIELD VALUE ...]",
-        description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
-                    "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from, or protect them in a later run with --protect_cores_from (one task is enough: the cores of a skill the model already has). A "
-                    "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
-                    "fields are probed.",
-    )
+def _arguments(probe: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf probe`` to its parser."""
     probe.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="the recipe file, e.g. recipes/quickstart.yaml")
-    return probe
+    probe.add_argument("--importance_from", "--importance-from", dest="importance_from", default=None, metavar="DIR",
+                       help="select the cores from the importance stored in DIR (a probe run with "
+                            "--save_importance true on the same model) at this recipe's core_fraction and core_scope, "
+                            "without probing (the recipe's data is not read)")
 
 
 def run(args, overrides: list[str]) -> int:
@@ -39,5 +32,19 @@ def run(args, overrides: list[str]) -> int:
     recipe = Recipe.from_dict(raw, source=args.recipe)
     from ..run.probe import run_probe
 
-    run_probe(recipe)
+    run_probe(recipe, importance_from=args.importance_from)
     return 0
+
+
+VERB = Verb(
+    "probe",
+    help="probe a recipe's tasks and plan the stages (cores, reliability, overlap), without training",
+    usage="dpi-hf probe RECIPE.yaml [--debug] [--importance_from DIR] [--FIELD VALUE ...]",
+    description="Run the probes of a recipe and write output_dir/dpi/ (cores.safetensors, plan.json with the "
+                "reliability report, overlap.png); no stage is trained. Reuse the cores with --masks_from, or protect them in a later run with --protect_cores_from (one task is enough: the cores of a skill the model already has). A "
+                "comparison recipe (with compare:/sweep: sections) works too: its tasks and shared training "
+                "fields are probed. With --save_importance true the importance is stored too "
+                "(dpi/importance.safetensors); --importance_from DIR then selects cores at another "
+                "--core_fraction from it without probing again.",
+    arguments=_arguments, run=run, takes_overrides=True,
+)

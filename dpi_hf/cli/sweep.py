@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import argparse
+
 from typing import Sequence
 
-from .common import add_seeds_and_resume, print_written, verb_parser
+from .common import Verb, add_seeds_and_resume, print_written
 from .output import setup_output
 
-NAME = "sweep"
-TAKES_OVERRIDES = True
 
-
-def add_sweep_parser(subparsers, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
-    """Add ``sweep RECIPE.yaml [--core-fractions P ...] [--scopes S ...] [--seeds S ...] [--FIELD VALUE ...]``.
-
-    Run it with :func:`sweep_command` ``(args, overrides)``.
-
-    Args:
-        subparsers: the ``add_subparsers()`` object of the ``dpi-hf`` parser.
-        parents: parent parsers whose options the subcommand shares (default none).
-    """
-    p = verb_parser(
-        subparsers, parents, "sweep",
-        help="ablation: DPI at several core fractions and scopes; score and forgetting against p",
-        usage="dpi-hf sweep RECIPE.yaml [--core-fractions P ...] [--scopes S ...] [--seeds S ...] [--FIELD VALUE ...]",
-        description="Run DPI once per core_fraction x core_scope with the recipe's budget (plus the same stages "
-                    "without freezing) and write sweep.json, sweep.md and sweep.png to the recipe's output_dir.")
+def _arguments(p: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf sweep`` to its parser."""
     p.add_argument("recipe", metavar="RECIPE.yaml", help="a comparison recipe with a sweep: section")
     p.add_argument("--core-fractions", type=float, nargs="+", metavar="P",
                    help="values of p (default: the recipe's sweep.core_fractions)")
     p.add_argument("--scopes", nargs="+", choices=("global", "per_tensor"), help="core scopes (default: both)")
     add_seeds_and_resume(p, "sweep", "points")
-    return p
 
 
 def sweep_command(args, overrides: Sequence[str] = ()) -> int:
@@ -52,6 +36,12 @@ def sweep_command(args, overrides: Sequence[str] = ()) -> int:
     return 0
 
 
-# the verb interface of dpi_hf.cli (see its docstring)
-add_parser = add_sweep_parser
-run = sweep_command
+VERB = Verb(
+    "sweep",
+    help="ablation: DPI at several core fractions and scopes; score and forgetting against p",
+    usage="dpi-hf sweep RECIPE.yaml [--core-fractions P ...] [--scopes S ...] [--seeds S ...] [--FIELD VALUE ...]",
+    description="Run DPI once per core_fraction x core_scope with the recipe's budget (plus the same stages "
+                "without freezing) and write sweep.json, sweep.md and sweep.png to the recipe's output_dir.",
+    arguments=_arguments, run=sweep_command, takes_overrides=True,
+)
+add_sweep_parser = VERB.add_parser  # the verb in a parser of your own

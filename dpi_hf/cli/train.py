@@ -7,7 +7,7 @@ import os
 import textwrap
 
 from ..core.errors import DPIConfigError
-from .common import verb_parser
+from .common import Verb
 
 _TRAIN_EPILOG = """\
 recipe sections (see docs/recipes.md):
@@ -34,26 +34,14 @@ output_dir/dpi/ (cores.safetensors, plan.json, scores.json, overlap.png, core_de
 """
 
 
-
-NAME = "train"
-TAKES_OVERRIDES = True
-
-
-def add_parser(subparsers, parents=()):
-    """Add the ``train`` subcommand to ``subparsers`` (``parents``: shared options such as ``--debug``)."""
-    train = verb_parser(
-        subparsers, parents, "train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="run a recipe: score the base model, train with DPI, score again, report",
-        usage="dpi-hf train RECIPE.yaml [--dry-run] [--list-fields] [--debug] [--FIELD VALUE ...]",
-        description="Run a recipe end to end (see docs/cli.md).", epilog=_TRAIN_EPILOG,
-    )
+def _arguments(train: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``dpi-hf train`` to its parser."""
     train.add_argument("recipe", nargs="?", metavar="RECIPE.yaml",
                        help="the recipe file, e.g. recipes/quickstart.yaml")
     train.add_argument("--dry-run", action="store_true",
                        help="validate the recipe with the overrides, print it resolved, and stop (no model loaded)")
     train.add_argument("--list-fields", action="store_true",
                        help="list every DPIConfig field with its default and help, and stop")
-    return train
 
 
 def run(args, overrides: list[str]) -> int:
@@ -81,3 +69,12 @@ def run(args, overrides: list[str]) -> int:
 
     run_recipe(recipe)
     return 0
+
+
+VERB = Verb(
+    "train",
+    help="run a recipe: score the base model, train with DPI, score again, report",
+    usage="dpi-hf train RECIPE.yaml [--dry-run] [--list-fields] [--debug] [--FIELD VALUE ...]",
+    description="Run a recipe end to end (see docs/cli.md).", epilog=_TRAIN_EPILOG,
+    arguments=_arguments, run=run, takes_overrides=True, raw_text=True,
+)

@@ -42,7 +42,7 @@ Layout: :mod:`~dpi_hf.compare.settings` (methods, evaluation settings, checks), 
 :mod:`~dpi_hf.compare.runs` (one run), :mod:`~dpi_hf.compare.runner` (the two entry points),
 :mod:`~dpi_hf.compare.summary`, :mod:`~dpi_hf.compare.tables`, :mod:`~dpi_hf.compare.plots` and
 :mod:`~dpi_hf.compare.report` (writing). The ``dpi-hf compare`` and ``dpi-hf sweep`` verbs are
-:mod:`dpi_hf.cli.compare` and :mod:`dpi_hf.cli.sweep`.
+:mod:`dpi_hf.cli.compare` and :mod:`dpi_hf.cli.sweep`; they import this package, never the reverse.
 """
 
 from .recipe import COMPARE_SECTIONS, CompareRecipe, load_compare_recipe, prepare_compare_recipe
@@ -50,19 +50,5 @@ from .runner import run_comparison, run_sweep
 from .runs import evaluate_model
 from .settings import DEFAULT_METHODS, FORGETTING_MODES, METHODS, EvalSettings
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "FORGETTING_MODES", "EvalSettings", "run_comparison", "run_sweep", "evaluate_model",
-           "CompareRecipe", "COMPARE_SECTIONS", "load_compare_recipe", "prepare_compare_recipe",
-           "add_compare_parser", "add_sweep_parser",
-           "compare_command", "sweep_command"]
-
-# the command-line verbs live with the CLI; imported on first use (the CLI imports this package)
-_CLI = {"add_compare_parser": "dpi_hf.cli.compare", "compare_command": "dpi_hf.cli.compare",
-        "add_sweep_parser": "dpi_hf.cli.sweep", "sweep_command": "dpi_hf.cli.sweep"}
-
-
-def __getattr__(name):
-    if name in _CLI:
-        import importlib
-
-        return getattr(importlib.import_module(_CLI[name]), name)
-    raise AttributeError(f"module 'dpi_hf.compare' has no attribute {name!r}")
+__all__ = ["METHODS", "DEFAULT_METHODS", "FORGETTING_MODES", "EvalSettings", "run_comparison", "run_sweep",
+           "evaluate_model", "CompareRecipe", "COMPARE_SECTIONS", "load_compare_recipe", "prepare_compare_recipe"]

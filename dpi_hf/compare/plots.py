@@ -5,49 +5,43 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..evaluation.registry import HELDOUT_LOSS, get_metric
 from ..inspection import pyplot
-from .settings import METRIC_LABELS
 
 
 def plot_scores(path: Path, results: dict) -> None:
     """Grouped bars: each task's score on the 0-10 macro scale (and the macro), one bar per method; NLL beside."""
     plt = pyplot()
     tasks, summary, metrics = results["tasks"], results["summary"], results["task_metrics"]
-    scored = [t for t in tasks if metrics[t][0] != "nll"]
+    scored = [t for t in tasks if get_metric(metrics[t][0]).is_score]
+    loss = get_metric(HELDOUT_LOSS)
     methods = list(summary)
     fig, (ax_score, ax_nll) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(len(methods), 1)
-    labels = [f"{t}\n{METRIC_LABELS[metrics[t][0]]}" for t in scored] + ["macro"]
+    labels = [f"{t}\n{get_metric(metrics[t][0]).label}" for t in scored] + ["macro"]
     for i, method in enumerate(methods):
         s = summary[method]
-        scale = [_to_ten(metrics[t][0]) for t in scored]
+        scale = [get_metric(metrics[t][0]).to_ten(1.0) for t in scored]  # the macro scale's factor
         means = [(s["tasks"][t]["score"]["mean"] or 0.0) * k for t, k in zip(scored, scale)]
         stds = [(s["tasks"][t]["score"]["std"] or 0.0) * k for t, k in zip(scored, scale)]
         means.append(s["macro"]["mean"] or 0.0)
         stds.append(s["macro"]["std"] or 0.0)
         xs = [x + i * width for x in range(len(labels))]
         ax_score.bar(xs, means, width, yerr=stds, label=method, capsize=2)
-        nll_means = [s["tasks"][t]["nll"]["mean"] for t in tasks]
-        nll_stds = [s["tasks"][t]["nll"]["std"] or 0.0 for t in tasks]
+        nll_means = [s["tasks"][t][HELDOUT_LOSS]["mean"] for t in tasks]
+        nll_stds = [s["tasks"][t][HELDOUT_LOSS]["std"] or 0.0 for t in tasks]
         ax_nll.bar([x + i * width for x in range(len(tasks))], nll_means, width, yerr=nll_stds, label=method,
                    capsize=2)
     ax_score.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels, fontsize=8)
     ax_score.set_ylabel("score on the 0-10 macro scale")
     ax_score.set_title("task scores (mean ± std over seeds)")
     ax_nll.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks, fontsize=8)
-    ax_nll.set_ylabel("held-out NLL (nats/token)")
-    ax_nll.set_title("held-out NLL (lower is better)")
+    ax_nll.set_ylabel(f"held-out {loss.label} (nats/token)")
+    ax_nll.set_title(f"held-out {loss.label} ({loss.direction} is better)")
     ax_score.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _to_ten(metric: str) -> float:
-    """The factor that maps a metric's native value onto the macro's 0-10 scale (see registry.normalised_score)."""
-    from ..evaluation import normalised_score
-
-    return normalised_score({"metric": metric, metric: 1.0}) or 0.0
 
 
 def plot_forgetting(path: Path, results: dict) -> None:
@@ -66,8 +60,8 @@ def plot_forgetting(path: Path, results: dict) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs) + 1, 3.4), squeeze=False)
     for ax, r in zip(axes[0], runs):
         rows = r["after_stages"]
-        values = [[row["tasks_eval"][t]["nll"] - (base["tasks"][t]["nll"] if base else 0.0) for t in tasks]
-                  for row in rows]
+        values = [[row["tasks_eval"][t][HELDOUT_LOSS] - (base["tasks"][t][HELDOUT_LOSS] if base else 0.0)
+                   for t in tasks] for row in rows]
         bound = max(1e-6, max(abs(v) for row in values for v in row))
         image = ax.imshow(values, cmap="coolwarm" if base else "viridis", vmin=-bound if base else None,
                           vmax=bound if base else None, aspect="auto")

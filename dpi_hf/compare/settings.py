@@ -27,9 +27,6 @@ FUSION_FIELDS = ("fusion_factor", "fusion_stage_fraction")
 # Defaults for every run, under the recipe's own values: no checkpoints or trackers for throw-away comparison runs,
 # and whole batches only, so that every method trains on exactly steps × batch examples (see dpi_hf.compare).
 TRAINING_DEFAULTS = {"report_to": "none", "save_strategy": "no", "dataloader_drop_last": True}
-METRIC_LABELS = {"gsm8k_accuracy": "acc %", "logiqa_accuracy": "acc %", "codebleu": "CodeBLEU",
-                 "humaneval_pass@1": "pass@1 %", "judge_score": "judge 1-10", "rougeL_proxy": "ROUGE-L proxy",
-                 "reasoning_gym": "verifier", "nll": "NLL"}
 RECORD = "compare_run.json"
 
 #: How every model of a comparison is evaluated: the same type as a recipe's ``eval:`` section

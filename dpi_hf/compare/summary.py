@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from typing import TYPE_CHECKING, Any
 
+from ..evaluation.registry import HELDOUT_LOSS
 from .settings import eval_record
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ def mean_std(values: list[float]) -> dict:
 
 def mean_nll(record: dict, tasks: list[str]) -> float:
     """A run's held-out NLL averaged over the tasks (each task weighs the same)."""
-    return statistics.fmean(record["tasks"][t]["nll"] for t in tasks)
+    return statistics.fmean(record["tasks"][t][HELDOUT_LOSS] for t in tasks)
 
 
 def summarise(records: list[dict], tasks: list[str]) -> dict:
@@ -33,7 +34,7 @@ def summarise(records: list[dict], tasks: list[str]) -> dict:
         extra_names = sorted({m for e in entries for m in e.get("extra", {})})
         out["tasks"][task] = {"metric": entries[0].get("metric"),
                               "score": mean_std([e.get("score") for e in entries]),
-                              "nll": mean_std([e["nll"] for e in entries]),
+                              HELDOUT_LOSS: mean_std([e[HELDOUT_LOSS] for e in entries]),
                               "extra": {m: mean_std([e.get("extra", {}).get(m) for e in entries])
                                         for m in extra_names}}
     out["macro"] = mean_std([r["macro"] for r in records])
@@ -64,8 +65,8 @@ def paired_differences(runs: list[dict], tasks: list[str], methods: list[str], r
         macro = [a["macro"] - b["macro"] for a, b in pairs if a["macro"] is not None and b["macro"] is not None]
         out[method] = {"mean_nll": mean_std(nll), "lower_nll": sum(d < 0 for d in nll),
                        "macro": mean_std(macro), "higher_macro": sum(d > 0 for d in macro),
-                       "nll": {t: mean_std([a["tasks"][t]["nll"] - b["tasks"][t]["nll"] for a, b in pairs])
-                               for t in tasks},
+                       HELDOUT_LOSS: {t: mean_std([a["tasks"][t][HELDOUT_LOSS] - b["tasks"][t][HELDOUT_LOSS]
+                                                   for a, b in pairs]) for t in tasks},
                        "seeds": seeds}
     return out
 
@@ -107,7 +108,7 @@ def assemble_sweep(ctx: RunContext, records: list[dict], base: dict, staging: st
                        "train_examples": r["train_examples"], "probe_seconds": r["probe_seconds"],
                        "train_seconds": r["train_seconds"],
                        "scores": {t: r["tasks"][t].get("score") for t in tasks},
-                       "nll": {t: r["tasks"][t]["nll"] for t in tasks}})
+                       HELDOUT_LOSS: {t: r["tasks"][t][HELDOUT_LOSS] for t in tasks}})
     summary = []
     for name in dict.fromkeys(p["name"] for p in points):
         group = [p for p in points if p["name"] == name]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .settings import METRIC_LABELS
+from ..evaluation.registry import HELDOUT_LOSS, get_metric
 
 
 def _fmt(stat: dict, digits: int) -> str:
@@ -13,10 +13,14 @@ def _fmt(stat: dict, digits: int) -> str:
     return text + (f" ± {stat['std']:.{digits}f}" if stat.get("std") is not None else "")
 
 
-def _digits(metric: str | None) -> int:
-    """Decimals shown for a metric: 1 for percentages, 2 for judge ratings, 3 otherwise."""
-    return 1 if metric in ("gsm8k_accuracy", "logiqa_accuracy", "humaneval_pass@1") else \
-        2 if metric == "judge_score" else 3
+def _label(metric: str) -> str:
+    """A metric's column label (its :class:`~dpi_hf.evaluation.registry.Metric` record's)."""
+    return get_metric(metric).label
+
+
+def _digits(metric: str) -> int:
+    """Decimals shown for a metric (its record's: 1 for percentages, 2 for judge ratings, 3 otherwise)."""
+    return get_metric(metric).digits
 
 
 def comparison_markdown(results: dict) -> str:
@@ -31,20 +35,22 @@ def comparison_markdown(results: dict) -> str:
         lines.append("ROUGE-L is an offline **proxy** for the judge score (no judge endpoint was used); the macro "
                      "score below is therefore not comparable with judge-based macro scores.")
     lines += ["", "## Scores (Table 1)", ""]
-    header = ["method"] + [f"{t} ({METRIC_LABELS[metrics[t][0]]})" for t in tasks] + ["macro (0-10)"]
+    header = ["method"] + [f"{t} ({_label(metrics[t][0])})" for t in tasks] + ["macro (0-10)"]
     extras = [(t, m) for t in tasks for m in metrics[t][1:]]
-    header += [f"{t} ({METRIC_LABELS[m]})" for t, m in extras]
+    header += [f"{t} ({_label(m)})" for t, m in extras]
     lines += [_row(header), _row(["---"] * len(header))]
     for method, s in summary.items():
         cells = [method] + [_fmt(s["tasks"][t]["score"], _digits(metrics[t][0])) for t in tasks]
         cells.append(_fmt(s["macro"], 2))
         cells += [_fmt(s["tasks"][t]["extra"].get(m, {"mean": None}), _digits(m)) for t, m in extras]
         lines.append(_row(cells))
-    lines += ["", "## Held-out NLL (nats/token of the reference completion; lower is better)", ""]
+    loss = get_metric(HELDOUT_LOSS)
+    lines += ["", f"## Held-out {loss.label} (nats/token of the reference completion; {loss.direction} is better)", ""]
     header = ["method"] + tasks + ["mean"]
     lines += [_row(header), _row(["---"] * len(header))]
     for method, s in summary.items():
-        lines.append(_row([method] + [_fmt(s["tasks"][t]["nll"], 3) for t in tasks] + [_fmt(s["mean_nll"], 3)]))
+        lines.append(_row([method] + [_fmt(s["tasks"][t][HELDOUT_LOSS], loss.digits) for t in tasks]
+                          + [_fmt(s["mean_nll"], loss.digits)]))
     lines += _paired_lines(results.get("paired"), tasks)
     lines += ["", "## Budget, cost and forgetting", "",
               "Training examples are counted at the training step. `train examples` are the stages' (the budget); "
@@ -113,7 +119,7 @@ def _paired_lines(paired: dict | None, tasks: list[str]) -> list[str]:
     for method, d in paired["methods"].items():
         n = len(d["seeds"])
         lines.append(_row([method, _fmt(d["mean_nll"], 3), f"{d['lower_nll']}/{n}"]
-                          + [_fmt(d["nll"][t], 3) for t in tasks]
+                          + [_fmt(d[HELDOUT_LOSS][t], 3) for t in tasks]
                           + [_fmt(d["macro"], 2), f"{d['higher_macro']}/{d['macro']['n']}"]))
     return lines
 

@@ -7,19 +7,23 @@ by collectives over the mesh's process group:
    it global, and carries an error flag and a fingerprint of the tensor names and shapes, so that a rank that hits
    NaN/inf or reads different tensors makes every rank raise the same error instead of hanging;
 2. pass 2: each rank keeps its elements in and above the threshold bin; the low-16-bit histogram of the threshold
-   bin is all-reduced, which fixes the exact threshold value ``T`` and how many elements equal to ``T`` are taken;
-   (a threshold bin larger than ``_MAX_BOUNDARY`` elements takes a third pass that collects instead of keeping);
+   bin is all-reduced, which fixes the exact threshold value ``T`` and how many elements equal to ``T`` are taken
+   (a threshold bin larger than ``max_boundary`` elements takes a third pass that collects instead of keeping);
 3. ties at ``T``: the ranks exchange how many elements equal to ``T`` each holds per tensor (a world × tensors
    matrix) and take them in the one-process order — earlier tensor first, then smaller global flat index. Rank
    ``r``'s shard of a tensor holds the flat indices ``[offset_r, offset_r + n_r)`` and the offsets grow with ``r``,
    so global order within a tensor is (rank, local index);
-4. the selected global indices are all-gathered, so every rank returns the same :class:`CoreMask` in global
-   indices and global shapes — the elements one process selects from the gathered tensors.
+4. each rank keeps the selected elements of its own shards: it returns a
+   :class:`~dpi_hf.core.sharded_mask.ShardedCoreMask` (global indices and shapes, global counts from one all-reduce
+   of the per-tensor counts). Gathered, the masks of all ranks are the elements one process selects from the
+   gathered tensors; :meth:`~dpi_hf.core.sharded_mask.ShardedCoreMask.gather` does that on one rank when a global
+   mask is needed (saving, inspection).
 
-No rank ever holds more than its shards plus the selection: the collectives move 65,536-bin histograms, a
-world × tensors count matrix and the selected indices. A plain (non-DTensor) tensor among DTensors is taken to be
-the same on every rank (replicated, like a DDP parameter) and is read on mesh coordinate 0 only.
+No rank ever holds more than its shards plus its part of the selection: the collectives move 65,536-bin histograms
+and a world × tensors count matrix. A plain (non-DTensor) tensor among DTensors is taken to be the same on every
+rank (replicated, like a DDP parameter): it is read on mesh coordinate 0 only and its selection is broadcast.
 
+The passes are those of :mod:`dpi_hf.core.radix`; this module never imports :mod:`dpi_hf.core.selection`.
 Collectives run on the mesh's process group, on the mesh's device type (gloo on CPU, NCCL on CUDA).
 """
 
@@ -34,12 +38,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .errors import DPIConfigError, ProbeDivergedError
-from .masks import CoreMask
-from .sharding import dtensor_layout, is_dtensor
-from .selection import (
+from .errors import DPIConfigError
+from .radix import (
     _BINS,
-    _MAX_BOUNDARY,
     _bincount,
     _bit_chunks,
     _boundary,
@@ -49,64 +50,12 @@ from .selection import (
     _histogram,
     _index_dtype,
     _Info,
-    _to_entry,
 )
-from .masks import _Entry
+from .sharded_mask import ShardedCoreMask, _Comm, _local_entry
+from .sharding import dtensor_layout, is_dtensor
 
 # fingerprint hashes are kept below 2**20 so that the sum of their squares over any world size fits in int64
 _HASH_MASK = (1 << 20) - 1
-
-
-class _Comm:
-    """The mesh's process group, this rank's coordinate on it, and the collectives the selection needs."""
-
-    def __init__(self, mesh):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.mesh = mesh
-        self.group = mesh.get_group(0)
-        self.size = mesh.size(0)
-        self.coord = mesh.get_coordinate()[0]
-        if mesh.device_type == "cpu":
-            self.device = torch.device("cpu")
-        else:  # NCCL and friends reduce device tensors only
-            module = getattr(torch, mesh.device_type)
-            self.device = torch.device(mesh.device_type, module.current_device())
-
-    def sum(self, values: np.ndarray) -> np.ndarray:
-        """Element-wise int64 sum over the ranks."""
-        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(self.device)
-        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
-        return t.cpu().numpy()
-
-    def rows(self, row: np.ndarray) -> np.ndarray:
-        """``[size, len(row)]``: every rank's ``row``, indexed by mesh coordinate."""
-        m = np.zeros((self.size, row.size), dtype=np.int64)
-        m[self.coord] = row
-        return self.sum(m.reshape(-1)).reshape(self.size, row.size)
-
-    def gather(self, values: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-        """Every rank's ``values`` (``counts[r]`` of them on rank r, same dtype everywhere), by mesh coordinate."""
-        longest = int(counts.max()) if counts.size else 0
-        buf = torch.zeros(longest, dtype=torch.from_numpy(values[:0]).dtype)
-        buf[: values.size] = torch.from_numpy(values)
-        buf = buf.to(self.device)
-        out = [torch.empty_like(buf) for _ in range(self.size)]
-        self.dist.all_gather(out, buf, group=self.group)
-        return [o[: int(c)].cpu().numpy() for o, c in zip(out, counts)]
-
-    def raise_if_failed(self, failed: bool, error: Exception | None) -> None:
-        """Raise the same error on every rank when any rank failed (the lowest failing coordinate's message)."""
-        objects = [None] * self.size
-        mine = None if error is None else (type(error).__name__, str(error))
-        self.dist.all_gather_object(objects, mine, group=self.group)
-        for coord, item in enumerate(objects):
-            if item is not None:
-                if error is not None and coord == self.coord:
-                    raise error
-                cls = ProbeDivergedError if item[0] == "ProbeDivergedError" else DPIConfigError
-                raise cls(f"rank {coord}: {item[1]}")
 
 
 @dataclass
@@ -118,6 +67,8 @@ class _Part:
     numel: int  # global
     offset: int  # global flat index of the local shard's element 0
     info: _Info | None = None  # pass 1 on the local shard
+    local_numel: int = 0  # elements of the local shard
+    replicated: bool = False  # a plain tensor: every rank holds it whole (only coordinate 0 reads it)
 
 
 def is_sharded(t) -> bool:
@@ -133,6 +84,7 @@ class _Resolver:
         self.comm: _Comm | None = None
 
     def __call__(self, name: str, t: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+        """(local tensor, global flat offset of its element 0, global shape)."""
         if is_dtensor(t):
             layout = dtensor_layout(name, t)
             if self.mesh is None:
@@ -156,8 +108,9 @@ def select_sharded(
     fraction: Fraction,
     scope: str,
     chunk: int,
+    max_boundary: int,
     no_tensor_error: Callable[[], Exception],
-) -> CoreMask:
+) -> ShardedCoreMask:
     """The distributed counterpart of ``select_core``'s body; called by it when the first value is a DTensor.
 
     Args:
@@ -166,11 +119,15 @@ def select_sharded(
         fraction: p, validated.
         scope: ``"global"`` or ``"per_tensor"``.
         chunk: elements per chunk.
+        max_boundary: the largest threshold bin (elements, over all ranks) whose elements pass 2 keeps.
         no_tensor_error: builds the error for "nothing considered".
+
+    Returns:
+        This rank's :class:`ShardedCoreMask`: the selected elements of its own shards, with global counts.
     """
     resolve = _Resolver()
     if scope == "per_tensor":
-        return _per_tensor(first_pass, resolve, fraction, chunk)
+        return _per_tensor(first_pass, resolve, fraction, chunk, max_boundary)
     parts: list[_Part] = []
     hist = np.zeros(_BINS, dtype=np.int64)
     error = None
@@ -179,7 +136,7 @@ def select_sharded(
             local, offset, shape = resolve(name, t)
             h, info = _histogram(name, local, chunk)
             hist += h
-            parts.append(_Part(name, shape, math.prod(shape), offset, info))
+            parts.append(_Part(name, shape, math.prod(shape), offset, info, local.numel(), not is_dtensor(t)))
     except DPIConfigError as exc:  # ProbeDivergedError included; re-raised below on every rank together
         error = exc
     comm = resolve.comm
@@ -189,8 +146,8 @@ def select_sharded(
     sizes = [p.numel for p in parts]
     _check_size(sizes, fraction, scope)
     k = _core_size(sum(sizes), fraction)
-    selected = _select(iterate, resolve, parts, hist, k, chunk, comm)
-    return _gather_mask(comm, parts, selected)
+    selected = _select(iterate, resolve, parts, hist, k, chunk, max_boundary, comm)
+    return _local_mask(comm, parts, selected)
 
 
 def _fingerprint(parts: list[_Part]) -> int:
@@ -213,38 +170,40 @@ def _sum_checked(comm: _Comm, hist: np.ndarray, parts: list[_Part], error: Excep
     return total[:_BINS]
 
 
-def _per_tensor(pairs, resolve: _Resolver, fraction: Fraction, chunk: int) -> CoreMask:
+def _per_tensor(pairs, resolve: _Resolver, fraction: Fraction, chunk: int, max_boundary: int) -> ShardedCoreMask:
     parts, selected = [], []
     for name, t in pairs:
         error = None
         try:
             local, offset, shape = resolve(name, t)
             hist, info = _histogram(name, local, chunk)
+            n_local = local.numel()
         except DPIConfigError as exc:
             if resolve.comm is None:  # no mesh known yet: this cannot be coordinated, and no rank waits
                 raise
             error, hist, info, shape, offset = exc, np.zeros(_BINS, dtype=np.int64), None, tuple(t.shape), 0
-        part = _Part(name, shape, math.prod(shape), offset, info)
+            n_local = 0
+        part = _Part(name, shape, math.prod(shape), offset, info, n_local, not is_dtensor(t))
         hist = _sum_checked(resolve.comm, hist, [part], error)
         parts.append(part)
         k = _core_size(part.numel, fraction)
         if k:
             one = lambda wanted, _n=name, _t=t: iter([(_n, _t)])  # noqa: E731
-            selected.append(_select(one, resolve, [part], hist, k, chunk, resolve.comm)[0])
+            selected.append(_select(one, resolve, [part], hist, k, chunk, max_boundary, resolve.comm)[0])
         else:
             selected.append(np.empty(0, dtype=np.int64))
     _check_size([p.numel for p in parts], fraction, "per_tensor")
-    return _gather_mask(resolve.comm, parts, selected)
+    return _local_mask(resolve.comm, parts, selected)
 
 
-def _select(iterate, resolve, parts, hist, k, chunk, comm) -> list[np.ndarray]:
+def _select(iterate, resolve, parts, hist, k, chunk, max_boundary, comm) -> list[np.ndarray]:
     """Passes 2 (and 3): this rank's selected GLOBAL flat indices (sorted; int32 below 2**31 elements) per part."""
     b, above = _boundary(hist, k)
     need = k - above
     lo, hi = b << 16, (b + 1) << 16
     position = {p.name: i for i, p in enumerate(parts)}
     wanted = {p.name for p in parts if p.info.top_bin >= b}
-    if hist[b] <= _MAX_BOUNDARY:
+    if hist[b] <= max_boundary:
         local = _kept(iterate, resolve, parts, position, wanted, lo, hi, need, chunk, comm)
     else:
         local = _three_passes(iterate, resolve, parts, position, wanted, lo, hi, need, chunk, comm)
@@ -359,27 +318,32 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
-def _gather_mask(comm: _Comm, parts: list[_Part], selected: list[np.ndarray]) -> CoreMask:
-    """All-gather every rank's selected global indices into one CoreMask, identical on every rank.
+def _local_mask(comm: _Comm, parts: list[_Part], selected: list[np.ndarray]) -> ShardedCoreMask:
+    """This rank's :class:`ShardedCoreMask` from its selected global indices; one all-reduce of the per-tensor
+    counts makes the global counts known on every rank.
 
-    One tensor at a time, so that the transient buffers are those of one tensor (as in the one-process path), and
-    each rank's selection is freed as soon as it is sent.
+    A replicated (plain) tensor is read on coordinate 0 only; its selection is broadcast so that every rank, which
+    holds that tensor whole, holds its whole selection too.
     """
-    counts = np.array([s.size for s in selected], dtype=np.int64)
-    matrix = comm.rows(counts)  # [coordinate, part]
-    entries = {}
+    counts = comm.sum(np.array([s.size for s in selected], dtype=np.int64))
+    entries, ranges, replicated = {}, {}, []
     for i, part in enumerate(parts):
-        dtype = _index_dtype(part.numel)
-        mine, selected[i] = selected[i].astype(dtype, copy=False), None
-        # shards hold increasing flat ranges in coordinate order, so the concatenation is sorted
-        idx = np.concatenate(comm.gather(mine, matrix[:, i]))
-        del mine
-        entries[part.name] = _entry(part.shape, part.numel, idx)
-    return CoreMask(entries)
+        idx, selected[i] = selected[i], None
+        if part.replicated:
+            replicated.append(part.name)
+            idx = _broadcast(comm, idx.astype(_index_dtype(part.numel), copy=False), int(counts[i]))
+            ranges[part.name] = (0, part.numel)
+        else:
+            ranges[part.name] = (part.offset, part.offset + part.local_numel)
+        entries[part.name] = _local_entry(part.shape, torch.from_numpy(np.ascontiguousarray(idx)))
+    return ShardedCoreMask(entries, ranges, dict(zip((p.name for p in parts), counts.tolist())), comm, replicated)
 
 
-def _entry(shape: tuple[int, ...], numel: int, idx: np.ndarray):
-    # int32 indices go into the mask as they are (no int64 transient) when they are the smaller encoding
-    if idx.dtype == np.int32 and idx.size * 4 <= (numel + 7) // 8:
-        return _Entry(shape, torch.from_numpy(idx), None, int(idx.size))
-    return _to_entry(shape, idx)
+def _broadcast(comm: _Comm, values: np.ndarray, count: int) -> np.ndarray:
+    """Coordinate 0's ``values`` (``count`` of them) on every rank."""
+    buf = torch.zeros(count, dtype=torch.from_numpy(values[:0]).dtype)
+    if comm.coord == 0:
+        buf[:] = torch.from_numpy(values)
+    buf = buf.to(comm.device)
+    comm.dist.broadcast(buf, src=comm.dist.get_global_rank(comm.group, 0), group=comm.group)
+    return buf.cpu().numpy()

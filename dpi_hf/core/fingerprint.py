@@ -18,12 +18,16 @@ import torch
 from .errors import FingerprintMismatchError
 
 
-def _named_tensors(model_or_params) -> list[tuple[str, torch.Tensor]]:
+def _named_tensors(model_or_params):
     if isinstance(model_or_params, torch.nn.Module):
         return [(n, p) for n, p in model_or_params.named_parameters()]
     if isinstance(model_or_params, Mapping):
         return list(model_or_params.items())
-    return list(model_or_params)
+    if iter(model_or_params) is model_or_params:  # a one-shot iterator: read once and kept
+        return list(model_or_params)
+    # a re-iterable source of (name, tensor) pairs (e.g. a checkpoint read tensor by tensor): read once per pass, so
+    # a checkpoint larger than memory can be fingerprinted
+    return model_or_params
 
 
 def _dtype_name(dtype) -> str:
@@ -71,7 +75,8 @@ def model_fingerprint(model_or_params, only_trainable: bool = False) -> dict:
     :func:`content_digest`); ``checkpoint`` is the model's ``config._name_or_path`` when it has one.
 
     Args:
-        model_or_params: a ``torch.nn.Module`` or a mapping/iterable of ``(name, tensor)``.
+        model_or_params: a ``torch.nn.Module``, a mapping name → tensor, or an iterable of ``(name, tensor)`` pairs
+            (a re-iterable one is read lazily, once per pass, and never held whole).
         only_trainable: keep only parameters with ``requires_grad`` (default False: all parameters, so that
             freezing some of them later does not change the fingerprint).
 

@@ -185,7 +185,7 @@ def _dtensor_shard(name: str, p: torch.Tensor) -> tuple[int, int] | None:
     return p.device_mesh.size(d), coordinate[d]
 
 
-def _unwrap_optimizer(optimizer: object) -> object:
+def innermost_optimizer(optimizer: object) -> object:
     """The innermost object of a ``.optimizer`` chain that has ``register_step_post_hook``.
 
     accelerate's ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` without calling its ``__init__`` and
@@ -324,7 +324,7 @@ class ParameterFreezer:
         """
         if self._attached:
             raise DPIConfigError("this ParameterFreezer is already attached; call detach() before attaching again.")
-        inner = _unwrap_optimizer(optimizer) if optimizer is not None else None
+        inner = innermost_optimizer(optimizer) if optimizer is not None else None
         if self._records is None:
             self._capture()
         handles = []

@@ -306,8 +306,9 @@ class CoreMask:
 
     @staticmethod
     def union_all(masks: Iterable[CoreMask]) -> CoreMask:
-        """Union of any number of masks (empty mask for none)."""
-        out = CoreMask()
+        """Union of any number of masks (empty mask for none); the first mask's own ``union`` is used, so the union
+        of sharded masks (``ShardedCoreMask``) stays sharded."""
+        out = None
         for m in masks:
-            out = out.union(m)
-        return out
+            out = m if out is None else out.union(m)
+        return out if out is not None else CoreMask()

@@ -1,8 +1,12 @@
 """Stage planning: overlap of core regions, task groups and the order of stages.
 
-* Overlap: J(Ci, Cj) = |Ci ∩ Cj| / |Ci ∪ Cj|.
-* Groups: an edge i—j when J ≥ τ (or, with ``overlap="affinity"``, when the tasks' symmetric TAG affinity is above
-  the affinity threshold, see :mod:`dpi_hf.core.affinity`); the groups are the connected components of that graph.
+* Overlap: the raw Jaccard J(Ci, Cj) = |Ci ∩ Cj| / |Ci ∪ Cj| (``overlap="raw"``), or the reliability-corrected
+  overlap of the split-half probes, the half-level Jaccard divided by sqrt(r_i·r_j) (``overlap="corrected"``,
+  DPIConfig's default; :mod:`dpi_hf.core.reliability`). ``plan_stages`` defaults to ``"raw"``, which needs no
+  reliability report.
+* Groups: an edge i—j when the overlap ≥ τ (or, with ``overlap="affinity"``, when the tasks' symmetric TAG affinity
+  is above the affinity threshold, see :mod:`dpi_hf.core.affinity`); the groups are the connected components of that
+  graph.
 * Stages: the groups in an order (``given``, ``largest_first``, ``random``); stage k freezes
   F_k = ∪_{j<k} ∪_{i∈G_j} C_i.
 """

@@ -402,8 +402,8 @@ def engine_memory_per_rank(
         param_dtype: dtype of the parameters θ0 is copied from (default bf16; fp32 master weights: torch.float32).
         core_fraction: p, the fraction of elements in each task's core (default 0.01).
         frozen_fraction: the fraction of elements frozen in a stage (default 0.03: three 1% cores).
-        num_tasks: cores kept in memory at once (default 5, the paper's tasks); each :class:`CoreMask` holds global
-            indices and is the same on every rank.
+        num_tasks: cores kept in memory at once (default 5, the paper's tasks); each rank holds its part of each
+            (a :class:`~dpi_hf.core.sharded_mask.ShardedCoreMask`: the core elements of its own rows, about 1/W).
         largest_tensor: elements of the largest parameter (default 0: ignore): indices of a tensor with more than
             2**31 − 1 elements are int64.
 
@@ -411,7 +411,8 @@ def engine_memory_per_rank(
         A dict with bytes per rank for ``theta0_shard`` (:func:`snapshot_parameters`: one ``param_dtype`` value per
         local element), ``signal`` (an fp32 accumulator per local element, e.g. Σg² or |θ − θ0|), ``frozen`` (the
         :class:`~dpi_hf.core.ParameterFreezer` copy: an int32 position + a ``param_dtype`` value per frozen local
-        element), ``cores`` (``num_tasks`` core masks, int32 global indices or a 1-bit mask, the smaller), and
+        element), ``cores`` (this rank's part of ``num_tasks`` cores:
+        int32 indices of its rows' core elements, or a 1-bit mask over its rows, the smaller), and
         ``bytes_per_parameter`` with the same keys divided by ``num_parameters`` (bytes per model parameter, per
         rank).
     """
@@ -420,7 +421,7 @@ def engine_memory_per_rank(
     local = math.ceil(num_parameters / world_size)
     value_bytes = torch.tensor([], dtype=param_dtype).element_size()
     index_bytes = 8 if largest_tensor > _INT32_LIMIT else 4
-    per_core = min(math.floor(core_fraction * num_parameters) * index_bytes, math.ceil(num_parameters / 8))
+    per_core = min(math.floor(core_fraction * local) * index_bytes, math.ceil(local / 8))
     sizes = {
         "theta0_shard": local * value_bytes,
         "signal": local * 4,

@@ -40,6 +40,11 @@ def _validate_cores(cores) -> list[str]:
             raise DPIConfigError(f"task name {t!r} is not a non-empty string; name every task.")
         if not isinstance(cores[t], CoreMask):
             raise DPIConfigError(f"cores[{t!r}] is a {type(cores[t]).__name__}, not a CoreMask.")
+        if hasattr(cores[t], "gather"):  # a ShardedCoreMask holds one rank's rows only
+            raise DPIConfigError(
+                f"cores[{t!r}] is this rank's part of a sharded core; build the global mask first with "
+                "mask.gather() on every rank and save the result on rank 0."
+            )
     shapes = cores[tasks[0]].shapes()
     for t in tasks[1:]:
         if cores[t].shapes() != shapes:
@@ -74,16 +79,20 @@ def save_cores(cores: Mapping[str, CoreMask], path, *, model=None, **metadata) -
     else:
         # no model at hand: the masks' own shapes are still enough to refuse masks from another architecture
         fingerprint = {"parameters": {n: [list(shapes[n]), "unknown"] for n in names}, "sha256": None}
-    tensors = {}
+    tensors, stored = {}, set()
     for ti, t in enumerate(tasks):
         for pi, n in enumerate(names):
             e = cores[t]._entry(n)
             if e.count == 0:
                 continue
             if e.indices is not None:
-                tensors[f"{ti}.{pi}.indices"] = e.indices.contiguous()
+                key, value = f"{ti}.{pi}.indices", e.indices.contiguous()
             else:
-                tensors[f"{ti}.{pi}.bitmask"] = torch.from_numpy(np.ascontiguousarray(e.bits))
+                key, value = f"{ti}.{pi}.bitmask", torch.from_numpy(np.ascontiguousarray(e.bits))
+            if value.data_ptr() in stored:  # one mask under two task names: safetensors refuses shared memory
+                value = value.clone()
+            stored.add(value.data_ptr())
+            tensors[key] = value
     info = {
         **metadata,
         "tasks": tasks,

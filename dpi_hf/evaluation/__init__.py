@@ -19,7 +19,7 @@ _LAZY = {
     "extract_choice": "logiqa", "logiqa_accuracy": "logiqa",
     "EVALUATE_MODULES": "metrics", "load_metric": "metrics", "metric_path": "metrics",
     "heldout_nll": "nll",
-    "extract_final_answer": "reasoning_gym_eval", "reasoning_gym_score": "reasoning_gym_eval",
+    "extract_final_answer": "answers", "reasoning_gym_score": "reasoning_gym_eval",
     "METRICS": "registry", "evaluate_task": "registry", "macro_score": "registry", "normalised_score": "registry",
     "rouge_l_proxy": "rouge",
     "EvalSpec": "settings", "DEFAULT_METRICS": "settings",

@@ -7,19 +7,15 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 from dpi_hf.core.errors import DPIConfigError
-from dpi_hf.evaluation.answers import extract_final_answer as _extract
-from dpi_hf.evaluation.answers import reasoning_gym_dataset
+from dpi_hf.evaluation.answers import extract_final_answer, reasoning_gym_dataset
 from dpi_hf.evaluation.rows import column, parse_meta
 
 
-def extract_final_answer(text: str) -> str:
-    """The answer the verifier scores: :func:`dpi_hf.evaluation.answers.extract_final_answer` (the last
-    ``<answer>`` tag, else the text after the last ``Answer:`` or ``####``), else the whole completion, stripped.
-
-    Args:
-        text: a model completion.
-    """
-    return _extract(text) or (text or "").strip()
+def _verifier_answer(completion: str | None) -> str:
+    """The answer the verifier scores: :func:`~dpi_hf.evaluation.answers.extract_final_answer` (the last
+    ``<answer>`` tag, else the text after the last ``Answer:`` or ``####``), else the whole completion, stripped (a
+    model that answers without a marker still gets the verifier's judgement)."""
+    return extract_final_answer(completion) or (completion or "").strip()
 
 
 def score_reasoning_gym(answer: str | None, meta: str | Mapping[str, Any]) -> float:
@@ -49,7 +45,7 @@ def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
     ``source_dataset``) or a recipe ``{"rg_name", "rg_seed", "rg_size", "index"}`` that regenerates it with
     ``reasoning_gym.create_dataset(rg_name, size=rg_size, seed=rg_seed)[index]``. The score is the dataset's
     ``score_answer(answer=extract_final_answer(completion), entry=entry)`` in [0, 1] (partial credit where the
-    dataset gives it).
+    dataset gives it); a completion without an answer marker is scored whole.
 
     Args:
         completions: model outputs, one per row.
@@ -67,20 +63,31 @@ def reasoning_gym_score(completions: list[str], dataset: Any) -> dict:
         raise DPIConfigError(f"completions ({len(completions)}) and dataset rows ({len(metas)}) must match")
     if not completions:
         raise DPIConfigError("completions: empty; reasoning-gym scoring needs at least one row")
-    scores: list[float] = []
-    names: list[str] = []
-    unparsable = 0
-    for i, (completion, value) in enumerate(zip(completions, metas)):
-        name, entry, score_answer = _resolve(parse_meta(value, i), i)
-        answer = extract_final_answer(completion)
-        unparsable += not answer
-        scores.append(float(score_answer(answer=answer, entry=entry)))
-        names.append(name)
+    names, scores = zip(*_scored_rows(completions, metas))
+    unparsable = sum(not _verifier_answer(c) for c in completions)
     by_dataset: dict[str, list[float]] = {}
     for name, score in zip(names, scores):
         by_dataset.setdefault(name, []).append(score)
     return {"metric": "reasoning_gym", "reasoning_gym": sum(scores) / len(scores), "n": len(scores),
             "unparsable": unparsable, "by_dataset": {k: sum(v) / len(v) for k, v in sorted(by_dataset.items())}}
+
+
+def reasoning_gym_row_scores(completions: list[str], metas: list[Any]) -> list[float]:
+    """The verifier's score of each completion, as :func:`reasoning_gym_score` scores them (the answer after the
+    final-answer marker; a completion without one scored whole).
+
+    Args:
+        completions: model outputs, one per row.
+        metas: the rows' ``meta`` values (JSON strings or dicts), in the same order.
+    """
+    return [score for _, score in _scored_rows(completions, metas)]
+
+
+def _scored_rows(completions, metas):
+    """(dataset name, score) per row."""
+    for i, (completion, value) in enumerate(zip(completions, metas)):
+        name, entry, score_answer = _resolve(parse_meta(value, i), i)
+        yield name, float(score_answer(answer=_verifier_answer(completion), entry=entry))
 
 
 def _resolve(meta: dict, index: int) -> tuple[str, dict, Callable[..., float]]:

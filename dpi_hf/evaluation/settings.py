@@ -70,7 +70,7 @@ class EvalSpec:
     metric_samples: InitVar[int | None] = None
 
     def __post_init__(self, metric_samples: int | None = None) -> None:
-        from dpi_hf.evaluation.registry import METRICS
+        from dpi_hf.evaluation.registry import METRIC_REGISTRY as METRICS  # the registered names
 
         if metric_samples is not None:
             self.max_samples = metric_samples
@@ -138,16 +138,18 @@ class EvalSpec:
         Args:
             task: a :class:`~dpi_hf.data.TaskSpec` (``dpi-hf train``: the recipe's metrics, or the source's
                 :data:`DEFAULT_METRICS`, else :data:`FALLBACK_METRICS`), or a task name with its data ``source``
-                (a comparison: the same without ``nll`` — the held-out NLL is evaluated for every task anyway —,
+                (a comparison: the score metrics only — the held-out NLL is evaluated for every task anyway —,
                 and an error for a task without a named or default score metric).
             source: the task's data source when ``task`` is a name (default None: unknown).
         """
         if not isinstance(task, str):
             return list(self.metrics.get(task.name) or DEFAULT_METRICS.get(task.source, FALLBACK_METRICS))
+        from dpi_hf.evaluation.registry import HELDOUT_LOSS, get_metric
+
         if task in self.metrics:
-            return [m for m in self.metrics[task] if m != "nll"] or ["nll"]
+            return [m for m in self.metrics[task] if get_metric(m).is_score] or [HELDOUT_LOSS]
         if source in DEFAULT_METRICS:
-            return [m for m in DEFAULT_METRICS[source] if m != "nll"]
+            return [m for m in DEFAULT_METRICS[source] if get_metric(m).is_score]
         raise DPIConfigError(f"eval.metrics names no metric for task {task!r} (source {source!r}); add e.g. "
                              f"`{task}: rougeL_proxy` (or codebleu, judge_score, nll) under eval.metrics.")
 
@@ -161,15 +163,18 @@ class EvalSpec:
 
     def metric_arguments(self, metric: str, judge=None) -> dict:
         """The keyword arguments of :func:`~dpi_hf.evaluation.evaluate_task` for ``metric`` under these settings:
-        ``batch_size``, ``max_new_tokens`` (not for ``nll``), ``judge`` (for ``judge_score``), then the
+        ``batch_size``, ``max_new_tokens`` (for the metrics that generate, not ``nll``), ``judge`` (for
+        ``judge_score``), then the
         ``metric_kwargs`` of the metric, which win.
 
         Args:
             metric: the metric name.
             judge: the judge client for ``judge_score`` (default None; see :meth:`make_judge`).
         """
+        from dpi_hf.evaluation.registry import get_metric
+
         kwargs: dict[str, Any] = {"batch_size": self.batch_size}
-        if metric != "nll":
+        if get_metric(metric).generates:
             kwargs["max_new_tokens"] = self.max_new_tokens
         if metric == "judge_score":
             kwargs["judge"] = judge

@@ -8,6 +8,7 @@ the plan (and whether the cores are reliable) can be checked before paying for t
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -17,14 +18,18 @@ from .model import load_model_and_tokenizer
 from .recipe import Recipe
 
 
-def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
+def run_probe(recipe: Recipe, log: Callable[[str], None] = print, importance_from=None):
     """Probe every task of ``recipe`` and write the plan; return the :class:`~dpi_hf.core.StagePlan`.
 
     Args:
         recipe: a validated recipe with at least one task.
         log: where the plan, the probe cost and the artifact paths go (default: print).
+        importance_from: a directory with ``dpi/importance.safetensors`` of these tasks on this model: the cores are
+            selected from it at the recipe's ``core_fraction`` without probing (default None: probe).
     """
     apply_runtime(recipe)
+    if importance_from is not None:
+        return _cores_from_importance(recipe, importance_from, log)
     from ..data import load_tasks
     from ..trainer.phases import PROBE
     from ..trainer.protection import CoreProbingTrainer
@@ -50,4 +55,27 @@ def run_probe(recipe: Recipe, log: Callable[[str], None] = print):
         f"{f' and {out}/dpi/overlap.png' if len(train) > 1 else ''}; train the stages with these cores: dpi-hf train "
         f"RECIPE --masks_from {out} --output_dir OTHER_DIR, or protect them while training something new: "
         f"--protect_cores_from {out}")
+    return plan
+
+
+def _cores_from_importance(recipe: Recipe, importance_from, log):
+    from ..artifacts import load_dpi_artifacts
+    from ..trainer.protection import probe_cores
+
+    from ..artifacts import importance_path
+    from ..core.errors import DPIConfigError
+    from ..trainer import check_output_dir
+
+    check_output_dir(recipe.args)  # before loading the model: a used output_dir, or no stored importance, fails now
+    if not os.path.exists(importance_from) or importance_path(importance_from) is None:
+        raise DPIConfigError(f"--importance_from {importance_from!r} holds no dpi/importance.safetensors; probe once "
+                             "with --save_importance true to store it.")
+    model, _ = load_model_and_tokenizer(recipe.model)
+    names = [t.name if hasattr(t, "name") else t["name"] for t in recipe.tasks]
+    probe_cores(model, dict.fromkeys(names), recipe.args, importance_from=importance_from)
+    _, plan = load_dpi_artifacts(recipe.args.output_dir)
+    out = recipe.args.output_dir
+    log(f"[dpi-hf] plan:\n{plan.describe()}")
+    log(f"[dpi-hf] cores at p = {recipe.args.core_fraction} selected from the importance in {importance_from} (no "
+        f"probe run); wrote {out}/dpi/cores.safetensors, {out}/dpi/plan.json and {out}/dpi/importance.safetensors")
     return plan

@@ -21,6 +21,10 @@ from ..utils import did_you_mean
 SECTIONS = ("vars", "model", "tasks", "eval", "runtime")
 _VAR = re.compile(r"\$\{([^}]*)\}")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A task path that starts with a variable naming a folder: "${data_dir}/gsm8k/train.jsonl".
+_FOLDER_VAR = re.compile(r"^\$\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}[/\\]")
+# Task sources whose path is not a local file (dpi_hf.data.SOURCES; not imported: this module stays PyYAML-only).
+_NOT_FILE_SOURCES = ("hub", "reasoning_gym")
 
 
 def read_recipe(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict:
@@ -84,6 +88,7 @@ def resolve_recipe(data: Mapping[str, Any], overrides: Sequence[str] | Mapping[s
             variables[key] = value
         else:
             _apply_override(data, key, value, source)
+    _check_data_folders(data, variables, source)
     return _substitute(data, variables, source)
 
 
@@ -152,6 +157,30 @@ def _substitute(node, variables: Mapping[str, Any], source: str | None):
     if isinstance(node, list):
         return [_substitute(v, variables, source) for v in node]
     return node
+
+
+def _check_data_folders(data: Mapping[str, Any], variables: Mapping[str, Any], source: str | None) -> None:
+    """One error, before any work, when a task reads its local file from a ``${var}`` folder that is not given or
+    does not exist (a recipe for local copies of the data run without them)."""
+    tasks = data.get("tasks")
+    for task in tasks if isinstance(tasks, list) else []:
+        if not isinstance(task, Mapping) or task.get("source", "hub") in _NOT_FILE_SOURCES:
+            continue
+        found = _FOLDER_VAR.match(str(task.get("path") or ""))
+        if not found:
+            continue
+        name = found.group(1)
+        reads = f"task {task.get('name')!r} reads its rows from {task['path']!r}"
+        if name not in variables or variables[name] is None:
+            raise DPIConfigError(f"{where(source)}the recipe uses ${{{name}}} but no value is given"
+                                 f"{did_you_mean(name, variables)} ({reads}); pass --{name} VALUE, the folder "
+                                 "that holds the local copies of the data (the recipe's header names the files).")
+        folder = Path(str(variables[name]))
+        if not folder.is_dir():
+            relative = "" if folder.is_absolute() else f" in {os.getcwd()!r}"
+            raise DPIConfigError(f"{where(source)}{reads}, but the folder {str(folder)!r} does not exist{relative}; "
+                                 f"pass --{name} DIR, the folder that holds the local copies of the data (the "
+                                 "recipe's header names the files).")
 
 
 def _variable(name: str, variables: Mapping[str, Any], source: str | None):

@@ -11,9 +11,9 @@ This is what ``dpi-hf train RECIPE.yaml`` does (``recipes/quickstart.yaml`` is t
 
 ``scores.json`` holds ``before`` / ``after`` (task → metric → the result dict of
 :func:`dpi_hf.evaluation.evaluate_task`), ``rows`` (one per task and metric: before, after, delta and whether the
-change is an improvement — higher is better except for ``nll``), ``macro_before`` / ``macro_after`` (the 0–10
-macro-average of :func:`dpi_hf.evaluation.macro_score`, None without a score metric), ``eval_rows`` (task → rows
-scored), ``timings`` (seconds per phase) and ``plan`` (the stages).
+change is an improvement in the metric's direction, see :class:`~dpi_hf.evaluation.registry.Metric`),
+``macro_before`` / ``macro_after`` (the 0–10 macro-average of :func:`dpi_hf.evaluation.macro_score`, None without a
+score metric), ``eval_rows`` (task → rows scored), ``timings`` (seconds per phase) and ``plan`` (the stages).
 """
 
 from __future__ import annotations
@@ -26,13 +26,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.errors import DPIConfigError
+from ..artifacts import write_card_training_data
 from ..core.io import atomic_write_text
+from ..evaluation.registry import METRIC_REGISTRY, get_metric
+from ..offline import hub_model_id
 from .environment import apply_runtime
 from .model import load_model_and_tokenizer
 from .recipe import Recipe
 
 SCORES_FILE = "scores.json"
-LOWER_IS_BETTER = {"nll"}
+# the metrics where lower is better (the losses), from their records
+LOWER_IS_BETTER = frozenset(n for n, m in METRIC_REGISTRY.items() if not m.higher_is_better)
 
 
 @dataclass
@@ -76,7 +80,7 @@ def evaluate_tasks(model, tokenizer, eval_sets: dict, recipe: Recipe, log: Calla
     for task, rows in eval_sets.items():
         results[task] = {}
         for metric in spec.metrics_for(by_name[task]):
-            if spec.max_samples == 0 and metric != "nll":
+            if spec.max_samples == 0 and get_metric(metric).generates:
                 continue  # eval.max_samples: 0 scores the held-out NLL only
             kwargs = spec.metric_arguments(metric, judge)
             t0 = time.perf_counter()
@@ -89,7 +93,7 @@ def evaluate_tasks(model, tokenizer, eval_sets: dict, recipe: Recipe, log: Calla
 
 def summary_rows(before: dict, after: dict) -> list[dict]:
     """One row per task and metric with ``before``, ``after``, ``delta`` and ``improved`` (None when a side is
-    missing). Lower is better for ``nll``, higher for every other metric."""
+    missing), in each metric's direction (:attr:`~dpi_hf.evaluation.registry.Metric.higher_is_better`)."""
     rows = []
     for task in dict.fromkeys([*before, *after]):
         metrics = dict.fromkeys([*before.get(task, {}), *after.get(task, {})])
@@ -97,10 +101,29 @@ def summary_rows(before: dict, after: dict) -> list[dict]:
             b = before.get(task, {}).get(metric, {}).get(metric)
             a = after.get(task, {}).get(metric, {}).get(metric)
             delta = None if a is None or b is None else a - b
-            improved = None if delta is None else (delta < 0 if metric in LOWER_IS_BETTER else delta > 0)
+            improved = get_metric(metric).improved(b, a)
             rows.append({"task": task, "metric": metric, "before": b, "after": a, "delta": delta,
                          "improved": improved})
     return rows
+
+
+def card_training_data(tasks) -> tuple[list[str], list[str]]:
+    """``(Hub dataset ids, a line for each other task)`` of a recipe's tasks, for the model card: Hub-sourced tasks
+    are named by their id; generated tasks and local files (which have none) by what they are.
+
+    Args:
+        tasks: the recipe's :class:`~dpi_hf.data.TaskSpec` list.
+    """
+    hub, other = [], []
+    for task in tasks:
+        if task.source == "hub":
+            hub.append(task.path)
+        elif task.source == "reasoning_gym":
+            other.append(f"`{task.name}`: generated with reasoning-gym (`{task.path}`, seed {task.seed}, "
+                         f"{task.max_samples} training rows)")
+        else:
+            other.append(f"`{task.name}`: local file `{Path(task.path).name}` ({task.source})")
+    return hub, other
 
 
 def format_table(rows: list[dict]) -> str:
@@ -110,7 +133,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         arrow = "" if r["improved"] is None else ("  better" if r["improved"] else ("  same" if r["delta"] == 0
                                                                                     else "  worse"))
-        metric = r["metric"] + (" (lower is better)" if r["metric"] in LOWER_IS_BETTER else "")
+        metric = r["metric"] + ("" if get_metric(r["metric"]).higher_is_better else " (lower is better)")
         delta = "" if r["delta"] is None else f"{r['delta']:+.3f}{arrow}"
         body.append((r["task"], metric, _fmt(r["before"]), _fmt(r["after"]), delta))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
@@ -182,6 +205,9 @@ def run_recipe(recipe: Recipe, log: Callable[[str], None] | None = None) -> RunR
     trainer = DPITrainer(model, args=args, train_dataset=train, eval_dataset=trainer_eval, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        write_card_training_data(output_dir, *card_training_data(recipe.tasks),
+                                 base_model=hub_model_id(recipe.model.name_or_path))
     timings["train"] = time.perf_counter() - t0
 
     after: dict = {}

@@ -56,8 +56,8 @@ class CoreProbeCallback(TrainerCallback):
         save_path: if given, the core is saved there with :func:`dpi_hf.save_cores` as soon as it is selected (by the
             main process only).
         signal: the importance that ranks elements, a name in :data:`dpi_hf.core.signals.SIGNAL_REGISTRY` (default
-            ``"fisher"``, as DPIConfig's ``core_signal``): ``"update"`` = |θ − θ0| at the end of training (the paper);
-            ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from the gradients at
+            ``"fisher"``, as DPIConfig's ``core_signal``): ``"update"`` = |θ − θ0| at the end of training (the
+            paper); ``"fisher"`` = Σ g² and ``"gradsum"`` = |Σ g| over the optimizer steps, read from the gradients at
             ``on_pre_optimizer_step`` (after accumulation and the DDP all-reduce; after clipping when
             ``max_grad_norm`` > 0) into one float32 buffer per considered parameter.
         keep_importance: keep a float32 CPU copy of the importance in :attr:`importance` after training (default
@@ -73,7 +73,9 @@ class CoreProbeCallback(TrainerCallback):
             parameters' devices, in :attr:`gradient_sum` after training, with :attr:`gradient_steps` (default False;
             one float32 buffer per considered element, for :mod:`dpi_hf.core.affinity`).
 
-    After training, :attr:`core` holds the :class:`CoreMask` and :attr:`ties` the threshold tie report (see
+    After training, :attr:`core` holds the :class:`CoreMask`, :attr:`batches` the number of optimizer steps the
+    importance was accumulated over (the divisor of its mean, as stored in ``dpi/importance.safetensors``), and
+    :attr:`ties` the threshold tie report (see
     :func:`dpi_hf.core.signals.threshold_ties`); a warning is logged when the threshold falls among exact zeros or
     inside a large block of tied values.
     """
@@ -124,6 +126,7 @@ class CoreProbeCallback(TrainerCallback):
         self.core: CoreMask | None = None
         self.importance: dict[str, torch.Tensor] | None = None
         self.ties: dict | None = None
+        self.batches: int | None = None
         self._accumulator: ImportanceAccumulator | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -155,6 +158,7 @@ class CoreProbeCallback(TrainerCallback):
                 p.grad = None
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.batches = self._accumulator.steps if self._accumulator is not None else state.global_step
         self.core = self.select(model)
         if self.save_path is not None:
             fingerprint = model_fingerprint(model)  # on every rank: sharded tensors are read with collectives

@@ -15,6 +15,11 @@ from ..core.signals import DEFAULT_SIGNAL, SIGNAL_REGISTRY, get_signal, gradient
 STRATEGIES = ("dpi", "multitask", "random", "given")
 RELIABILITY_MODES = ("none", "split_half")
 FUSIONS = ("none", "cpi")
+PROTECT_METHODS = ("freeze", "ewc", "freeze_ewc", "l2sp")
+ANCHOR_METHODS = ("ewc", "freeze_ewc", "l2sp")  # the methods with a penalty (and λ)
+IMPORTANCE_METHODS = ("ewc", "freeze_ewc")  # the methods that weigh the penalty by the stored importance
+EWC_FORMS = ("loss", "decoupled")
+EWC_SCOPES = ("all", "core")
 
 
 @dataclass
@@ -30,8 +35,9 @@ class DPIConfig(SFTConfig):
 
     Parameters:
         staging (`str`, defaults to `"dpi"`):
-            How tasks become stages. `"dpi"`: probe every task from θ0, group tasks whose cores overlap
-            (Jaccard ≥ `jaccard_threshold`), train the groups in stages and freeze earlier stages' cores.
+            How tasks become stages. `"dpi"`: probe every task from θ0, group tasks whose cores overlap (overlap ≥
+            `jaccard_threshold` on the matrix `overlap` names: by default the reliability-corrected overlap of the
+            split-half probes), train the groups in stages and freeze earlier stages' cores.
             `"multitask"`: one stage on the uniform mixture of all tasks (baseline 1). `"random"`:
             `num_random_stages` stages with tasks assigned at random with `seed` (baseline 2). `"given"`: the stages
             in `stage_groups` (baseline 3, "heuristic"). The three baselines do not probe or freeze unless
@@ -131,6 +137,27 @@ class DPIConfig(SFTConfig):
             other weights of the same architecture and records it).
         protect_tasks (`list[str]` or `None`, defaults to `None`):
             The cores of `protect_cores_from` to protect, by task name; `None` protects all of them.
+        protect_method (`str`, defaults to `"freeze"`):
+            How the protected tasks are kept: `"freeze"` (their cores frozen bit-exactly), `"ewc"` (no freezing; the
+            penalty λ/2 · Σ F_i (θ_i − θ_A,i)² with F the stored importance of the protected tasks, each normalised to
+            mean 1 over its considered elements, summed over `protect_tasks`; needs `dpi/importance.safetensors`,
+            written by `save_importance=True`), `"freeze_ewc"` (the cores frozen bit-exactly and the penalty on every
+            other element) or `"l2sp"` (the penalty with F = 1: a uniform pull, no stored importance needed). θ_A is
+            the model's weights when the trainer is built (the weights the cores were probed on).
+        protect_lambda (`float` or `None`, defaults to `None`):
+            λ ≥ 0, the penalty's strength; required with `"ewc"`, `"freeze_ewc"` and `"l2sp"`, refused with `"freeze"`.
+        protect_ewc_form (`str`, defaults to `"loss"`):
+            `"loss"`: the penalty's gradient λ F (θ − θ_A) is added to the gradients once per optimizer step (after
+            gradient clipping, before the step), so the optimizer treats it like any gradient (Adam rescales it per
+            element). `"decoupled"`: after each optimizer step θ ← θ − min(1, lr · λ · F) · (θ − θ_A), the way AdamW
+            applies weight decay, which no optimizer rescales.
+        protect_ewc_scope (`str`, defaults to `"all"`):
+            `"all"`: F over every considered element; `"core"`: F kept only on the protected cores' elements (0
+            elsewhere; then θ_A and F are stored for those elements only).
+        save_importance (`bool`, defaults to `False`):
+            Write `dpi/importance.safetensors` after the probes: each task's importance (the mean over its probe's
+            optimizer steps of `core_signal`), bfloat16, 2 bytes per considered element per task — the source of
+            `protect_method="ewc"` and of cores at other p without probing again (`probe_cores(importance_from=...)`).
         overwrite_output_dir (`bool`, defaults to `False`):
             A fresh (not resumed) multi-task run in an `output_dir` that holds another run's DPI state stops with an
             error unless this is True; then that state (probe and stage checkpoints, cores, plan) is deleted first.
@@ -230,6 +257,26 @@ class DPIConfig(SFTConfig):
     )
     protect_tasks: list[str] | None = field(
         default=None, metadata={"help": "Cores of protect_cores_from to protect, by task (default: all)."}
+    )
+    protect_method: str = field(
+        default="freeze",
+        metadata={"help": "How protect_cores_from protects: freeze, ewc, freeze_ewc or l2sp.",
+                  "choices": list(PROTECT_METHODS)},
+    )
+    protect_lambda: float | None = field(
+        default=None, metadata={"help": "λ >= 0 of the ewc / freeze_ewc / l2sp penalty."}
+    )
+    protect_ewc_form: str = field(
+        default="loss",
+        metadata={"help": "The penalty as a gradient (loss) or a pull after each step (decoupled).",
+                  "choices": list(EWC_FORMS)},
+    )
+    protect_ewc_scope: str = field(
+        default="all", metadata={"help": "The penalty on every element (all) or on the cores only (core).",
+                                 "choices": list(EWC_SCOPES)},
+    )
+    save_importance: bool = field(
+        default=False, metadata={"help": "Write dpi/importance.safetensors (bf16 mean importance) after the probes."}
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Delete another run's DPI state in output_dir before a fresh run."}
@@ -346,12 +393,65 @@ class DPIConfig(SFTConfig):
             raise DPIConfigError(
                 f"protect_cores_from={self.protect_cores_from!r} must be a directory or a Hub repo id."
             )
+        self._validate_protection()
         self._validate_fusion()
         self._validate_affinity()
         for field_name in ("core_include", "core_exclude"):
             v = getattr(self, field_name)
             if isinstance(v, str):
                 setattr(self, field_name, [v])
+
+    def _validate_protection(self) -> None:
+        m = self.protect_method
+        if m not in PROTECT_METHODS:
+            raise DPIConfigError(f"protect_method={m!r} is not one of {PROTECT_METHODS}.")
+        if m != "freeze" and self.protect_cores_from is None:
+            raise DPIConfigError(
+                f"protect_method={m!r} protects the tasks of protect_cores_from, which is not set; set "
+                "protect_cores_from to the directory that holds their cores (and importance), or drop protect_method."
+            )
+        lam = self.protect_lambda
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0):
+            raise DPIConfigError(f"protect_lambda={lam!r} must be a number >= 0 (the penalty's strength λ).")
+        if m in ANCHOR_METHODS and lam is None:
+            raise DPIConfigError(f"protect_method={m!r} needs protect_lambda (λ >= 0, the penalty's strength).")
+        if m not in ANCHOR_METHODS and lam is not None:
+            raise DPIConfigError(
+                f"protect_lambda is the strength of a penalty, and protect_method={m!r} has none; set protect_method "
+                f"to one of {ANCHOR_METHODS} or drop protect_lambda."
+            )
+        if self.protect_ewc_form not in EWC_FORMS:
+            raise DPIConfigError(f"protect_ewc_form={self.protect_ewc_form!r} is not one of {EWC_FORMS}.")
+        if self.protect_ewc_scope not in EWC_SCOPES:
+            raise DPIConfigError(f"protect_ewc_scope={self.protect_ewc_scope!r} is not one of {EWC_SCOPES}.")
+        for name, default in (("protect_ewc_form", "loss"), ("protect_ewc_scope", "all")):
+            if getattr(self, name) != default and m not in ANCHOR_METHODS:
+                raise DPIConfigError(f"{name} is only used with protect_method in {ANCHOR_METHODS} (it is {m!r}); "
+                                     f"drop {name}.")
+        if m == "freeze_ewc" and self.protect_ewc_scope == "core":
+            raise DPIConfigError(
+                "protect_method='freeze_ewc' freezes the cores and puts the penalty on every other element; with "
+                "protect_ewc_scope='core' nothing would be left to pull. Use protect_method='ewc' with scope 'core', "
+                "or scope 'all'."
+            )
+        if not isinstance(self.save_importance, bool):
+            raise DPIConfigError(f"save_importance={self.save_importance!r} must be True or False.")
+        if self.save_importance and (self.masks_from is not None or not self.needs_probes):
+            raise DPIConfigError(
+                "save_importance=True stores what the probes measure, and this run probes nothing ("
+                f"{'masks_from reuses saved cores' if self.masks_from is not None else f'staging={self.staging!r} without freeze_cores'}"
+                "); drop save_importance, or probe (drop masks_from / use staging='dpi')."
+            )
+
+    @property
+    def anchors(self) -> bool:
+        """Whether this run pulls the weights towards θ_A (protect_method ewc, freeze_ewc or l2sp)."""
+        return self.protect_cores_from is not None and self.protect_method in ANCHOR_METHODS
+
+    @property
+    def freezes_protected(self) -> bool:
+        """Whether this run keeps the protected cores frozen (protect_method freeze or freeze_ewc)."""
+        return self.protect_cores_from is not None and self.protect_method in ("freeze", "freeze_ewc")
 
     def _validate_fusion(self) -> None:
         if self.fusion not in FUSIONS:

@@ -20,12 +20,15 @@ from ..core.errors import DPIConfigError, ProbeDivergedError
 from ..core.io import atomic_save_file
 from ..core.planning import StagePlan, plan_from_groups, reorder_report
 from ..core.reliability import ReliabilityReport, reliability_report
+from ..core.sharded_mask import shard_mask
 from ..core.signals import get_signal, pool_importance, threshold_ties, tie_warning
 from .callbacks import CoreProbeCallback
 from .fusion import importance_path, probe_model_path, save_core_importance, save_probe_model
+from .importance import save_probe_importance
 from .multitask import AlternatingHalvesSampler, safe_name, split_halves
 from .phases import PROBE, PhaseRecord
 from .run_state import kill_point
+from .sharded import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,8 @@ class ProbingMixin:
             self._probe_sampler = AlternatingHalvesSampler(len(halves[0]), len(halves[1]), block, a.seed)
         # fusion keeps each task's importance at its core (to resolve elements several groups' cores claim)
         cb = CoreProbeCallback(a.core_fraction, a.core_scope, a.core_include, a.core_exclude, reference=theta0,
-                               task_name=label, signal=a.core_signal, keep_importance=n_parts > 1 or self._fuses,
+                               task_name=label, signal=a.core_signal,
+                               keep_importance=n_parts > 1 or self._fuses or a.save_importance,
                                update_weights=a.probe_updates_weights, split_half=one_pass,
                                keep_gradient_sum=a.probe_affinity)
         name = f"probe-{safe_name(task)}" + (f"-half{half}" if half else "")
@@ -109,7 +113,8 @@ class ProbingMixin:
         for i, task in enumerate(self.tasks):
             path = self._runs_dir / "probes" / f"{safe_name(task)}.safetensors"
             if resume and path.is_file():
-                saved = load_cores(path, model=self.model)
+                # this rank's rows of the saved cores when the model is sharded
+                saved = {k: shard_mask(m, self.model) for k, m in load_cores(path, model=self.model).items()}
                 cores[task] = saved[task]
                 if f"{task}#half-1" in saved:
                     half_cores[task] = (saved[f"{task}#half-1"], saved[f"{task}#half-2"])
@@ -136,6 +141,8 @@ class ProbingMixin:
                     to_save.update({f"{task}#half-1": half_cores[task][0], f"{task}#half-2": half_cores[task][1]})
                 if self._fuses and self.is_world_process_zero():
                     save_core_importance(probes[0].importance, cores[task], importance_path(self._runs_dir, task))
+                if a.save_importance and self.is_world_process_zero():
+                    save_probe_importance(self._runs_dir, task, probes[0].importance, probes[0].batches)
                 probes[0].importance = None
             else:
                 pooled = pool_importance([p.importance for p in probes], inplace=True)  # the probes' own copies
@@ -147,6 +154,8 @@ class ProbingMixin:
                     logger.warning(message)
                 if self._fuses and self.is_world_process_zero():
                     save_core_importance(pooled, cores[task], importance_path(self._runs_dir, task))
+                if a.save_importance and self.is_world_process_zero():  # the mean over both halves' steps
+                    save_probe_importance(self._runs_dir, task, pooled, sum(p.batches for p in probes))
                 del pooled
                 half_cores[task] = (probes[0].core, probes[1].core)
                 to_save = {task: cores[task], f"{task}#half-1": probes[0].core, f"{task}#half-2": probes[1].core}
@@ -154,6 +163,7 @@ class ProbingMixin:
             if a.probe_affinity:
                 gradients[task] = extra["gradient"] = self._record_gradient(task, probes[0], list(gradients),
                                                                             last=i == n - 1)
+            to_save = gathered(to_save)  # sharded cores: the global masks, on rank 0 only
             if self.is_world_process_zero():
                 save_cores(to_save, path, fingerprint=self._fingerprint, **self._settings(),
                            phases=[r.to_dict() for r in self.phase_records[first:]], **extra)

@@ -39,7 +39,7 @@ class CoreProbingTrainer(DPITrainer):
         raise DPIConfigError("CoreProbingTrainer only probes: call probe(), or train with DPITrainer.")
 
 
-def probe_cores(model, datasets, args: DPIConfig | None = None, processing_class=None,
+def probe_cores(model, datasets, args: DPIConfig | None = None, processing_class=None, *, importance_from=None,
                 **trainer_kwargs) -> dict[str, CoreMask]:
     """The cores of ``datasets`` on ``model`` as it is now, written to ``args.output_dir/dpi/``; no training.
 
@@ -54,6 +54,12 @@ def probe_cores(model, datasets, args: DPIConfig | None = None, processing_class
             whose ``args.task_column`` names each row's task.
         args (`DPIConfig`, optional): the probe settings and ``output_dir``; default ``DPIConfig("dpi-cores")``.
         processing_class: the tokenizer, as for SFTTrainer.
+        importance_from (`str`, optional): a directory whose ``dpi/importance.safetensors`` (written by an earlier
+            probe with ``save_importance=True``) holds these tasks' importance: the cores are selected from it at
+            ``args.core_fraction`` and ``args.core_scope`` without probing again (``datasets`` then only names the
+            tasks — its rows are not read — and may be None for all stored tasks). The importance must have been
+            measured on this model's weights. bfloat16 storage can tie elements at the threshold, so the cores equal
+            a fresh probe's except where such ties are broken by position. No split-half reliability is measured.
         **trainer_kwargs: passed to the trainer (``data_collator``, ``formatting_func``, ``peft_config`` is not
             supported).
 
@@ -70,6 +76,16 @@ def probe_cores(model, datasets, args: DPIConfig | None = None, processing_class
         args = DPIConfig("dpi-cores")
     elif not isinstance(args, DPIConfig):
         raise DPIConfigError(f"probe_cores needs a DPIConfig (got {type(args).__name__}); e.g. DPIConfig(output_dir).")
+    if importance_from is not None:
+        from .importance import cores_from_importance
+
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if isinstance(datasets, Dataset):
+            datasets = split_tasks(datasets, args.task_column)
+        return cores_from_importance(model, args, importance_from, list(datasets) if datasets else None)
     if isinstance(datasets, Dataset):
         named = split_tasks(datasets, args.task_column)
         if named is None:

@@ -15,8 +15,16 @@ import numpy as np
 from datasets import Dataset
 from trl import SFTConfig
 
-from ..artifacts import CORES_FILE, DPI_DIR, PLAN_FILE, load_dpi_artifacts, resolve_masks_source
-from .config import DPIConfig
+from ..artifacts import (
+    CORES_FILE,
+    DPI_DIR,
+    IMPORTANCE_FILE,
+    PLAN_FILE,
+    load_dpi_artifacts,
+    read_importance_metadata,
+    resolve_masks_source,
+)
+from .config import IMPORTANCE_METHODS, DPIConfig
 from ..core import CoreMask, model_fingerprint, read_cores_metadata
 from ..core.errors import DPIConfigError, FingerprintMismatchError, MaskFileError
 
@@ -64,6 +72,9 @@ def dataset_digest(ds: Dataset) -> str:
                 h.update(b"|")
     return h.hexdigest()
 
+
+# how the protected cores are protected: part of a protected run's identity
+PROTECT_FIELDS = ("protect_method", "protect_lambda", "protect_ewc_form", "protect_ewc_scope")
 
 # the settings a cores file records that decide which elements its cores hold
 MASK_SETTINGS = ("core_fraction", "core_scope", "core_include", "core_exclude", "core_signal", "probe_reliability",
@@ -131,6 +142,7 @@ def protected_run_identity(args: DPIConfig, train_dataset: Dataset, fingerprint:
         "rows": len(train_dataset), "digest": dataset_digest(train_dataset),
         "model_fingerprint": {k: fingerprint[k] for k in ("sha256", "content")},
         "protect_cores_from": args.protect_cores_from, "protect_tasks": args.protect_tasks,
+        **{f: getattr(args, f) for f in PROTECT_FIELDS},
         "protect_digest": protect_digest,
         "budget": {f: getattr(args, f, None) for f in _BUDGET_FIELDS} | {"world_size": args.world_size},
     }
@@ -224,11 +236,17 @@ def _load_checked(dpi_dir: Path, model, tasks, allow_other_weights: bool):
         return cores, plan, other_weights
 
 
-def check_protection_source(args: DPIConfig) -> tuple[Path, list[str]]:
+def check_protection_source(args: DPIConfig, peft_config=None) -> tuple[Path, list[str]]:
     """The ``dpi/`` folder of ``args.protect_cores_from`` and the tasks to protect, checked without a model: the
-    artifact exists, holds cores, and has every task of ``protect_tasks``. Cheap; the CLI calls it before loading
-    anything."""
+    artifact exists, holds cores (and, for ``protect_method`` ewc / freeze_ewc, the importance), and has every task
+    of ``protect_tasks``; no ``peft_config`` is given. Cheap; the CLI calls it before loading anything."""
     source = args.protect_cores_from
+    if peft_config is not None:
+        raise DPIConfigError(
+            "protect_cores_from protects elements of the model's own parameters, and peft_config trains adapter "
+            "parameters whose names and shapes match no core; drop peft_config (full fine-tuning with the "
+            "protection), or drop protect_cores_from (LoRA alone)."
+        )
     try:
         dpi_dir = resolve_masks_source(source)
     except MaskFileError:
@@ -251,6 +269,18 @@ def check_protection_source(args: DPIConfig) -> tuple[Path, list[str]]:
             f"protect_tasks names {unknown}, which protect_cores_from={source!r} has no core for; it holds "
             f"{available}. Name tasks from that list (or drop protect_tasks to protect all of them)."
         )
+    if args.protect_method in IMPORTANCE_METHODS:
+        path = dpi_dir / IMPORTANCE_FILE
+        stored = read_importance_metadata(path)["tasks"] if path.is_file() else []
+        lacking = [t for t in tasks if t not in stored]
+        if lacking:
+            raise DPIConfigError(
+                f"protect_method={args.protect_method!r} weighs the penalty by the protected tasks' importance, and "
+                f"protect_cores_from={source!r} has no stored importance for {lacking} (no {DPI_DIR}/"
+                f"{IMPORTANCE_FILE}{' entry' if path.is_file() else ''}). Probe them with save_importance=True "
+                "(probe_cores(..., DPIConfig(save_importance=True)) or `dpi-hf probe RECIPE --save_importance true`), "
+                "or use protect_method='l2sp' (a uniform pull that needs no importance)."
+            )
     return dpi_dir, tasks
 
 
@@ -278,6 +308,7 @@ def load_protected_cores(args: DPIConfig, model):
         "digest": hashlib.sha256((dpi_dir / CORES_FILE).read_bytes()).hexdigest(),
         "settings": {k: meta[k] for k in MASK_SETTINGS if k in meta},
         "reliability": reliability, "other_weights": other_weights,
+        **{f: getattr(args, f) for f in PROTECT_FIELDS},
     }
     return frozen, record
 

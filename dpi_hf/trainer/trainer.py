@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, concatenate_datasets
-from safetensors.torch import load_file
 from transformers.trainer_utils import SaveStrategy, TrainOutput, get_last_checkpoint
 from trl import SFTTrainer
 
@@ -45,11 +44,12 @@ from .callbacks import FreezeMaskCallback, snapshot_parameters
 from .config import DPIConfig
 from ..core import model_fingerprint
 from ..core.errors import DPIConfigError
-from ..core.io import atomic_save_file, atomic_write_text
+from ..core.io import atomic_write_text
 from ..core.fusion import TransplantMap
 from ..core.masks import CoreMask
 from ..core.planning import StagePlan
 from ..core.sharding import restore_parameters
+from ..offline import hub_model_id
 from .fusion import TRANSPLANT_FILE, FusionMixin
 from .multitask import (  # noqa: F401  (split_tasks and allocate_steps are re-exported)
     DATA_COLUMNS,
@@ -77,14 +77,18 @@ from .run_state import (  # noqa: F401  (RUNS_DIR and check_output_dir are re-ex
     run_identity,
 )
 from ..utils import check_each_task_once
+from .ewc import PENALTY_LOG_KEY, AnchorCallback, build_anchor
+from .importance import collect_importance
+from .run_state import MASK_SETTINGS, PROTECT_FIELDS
+from .sharded import ShardedRunMixin, gathered
 
 logger = logging.getLogger(__name__)
 
 # DPI fields that also apply to a single dataset (then DPITrainer is SFTTrainer plus the protection)
-PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks")
+PROTECTION_FIELDS = ("protect_cores_from", "protect_tasks", *PROTECT_FIELDS)
 
 
-class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
+class DPITrainer(ProbingMixin, FusionMixin, ShardedRunMixin, SFTTrainer):
     """SFTTrainer with Dynamic Parameter Isolation across several tasks.
 
     Args:
@@ -130,17 +134,24 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         self._phase_examples = 0
         self._phase_tokens = 0
         self.protected, self.protection = None, None  # the frozen union of protect_cores_from, and its record
+        self._anchor_callback = None  # protect_method ewc / freeze_ewc / l2sp: the pull towards θ_A
         if args.protects:  # before the Trainer creates output_dir or anything else
-            check_protection_source(args)  # no model needed: the artifact, its cores, the protected task names
+            # no model needed: the artifact, its cores (and importance), the protected task names, no peft_config
+            check_protection_source(args, peft_config=kwargs.get("peft_config"))
             if not isinstance(model, str):
                 self._load_protection(args, model)
         if self.tasks is None:
             super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, **kwargs)
+            self._refuse_sharded_anchor(args)
             if args.protects:  # SFTTrainer plus the protection: the cores stay frozen through the whole train()
                 if self.protection is None:
                     self._load_protection(args, self.model)
-                self.add_callback(FreezeMaskCallback(self.protected))
+                # the anchor first: its decoupled pull must come before the freezer's restore (trainer/ewc.py)
+                if self._anchor_callback is not None:
+                    self.add_callback(self._anchor_callback)
+                if args.freezes_protected:
+                    self.add_callback(FreezeMaskCallback(self.protected))
             return
 
         self._validate_multitask(args)
@@ -154,14 +165,20 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         mixed = mixture(self.tasks, args.task_column)
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=mixed,
                          eval_dataset=eval_split, **kwargs)
-        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            # the engine handles shards (selection, θ0 snapshots, freezing), but the staged run swaps the model
-            # between phases (θ0 restores, last-stage reloads), which has not been verified on sharded models yet:
-            # refuse rather than risk freezing or restoring the wrong elements
+        if getattr(self, "is_deepspeed_enabled", False):
+            # accelerate runs DeepSpeed's optimizer step inside backward, before any callback event, so neither the
+            # gradient signals nor the exact freeze can hook in: refuse rather than freeze inexactly
             raise DPIConfigError(
-                "a multi-task DPITrainer run under FSDP or DeepSpeed is not supported yet; run it under DDP "
-                "(`accelerate launch --config_file recipes/accelerate/ddp.yaml`), or use CoreProbeCallback and "
-                "FreezeMaskCallback in your own sharded Trainer runs (they work on local shards; docs/distributed.md)."
+                "a multi-task DPITrainer run under DeepSpeed is not supported: its engine steps inside backward, "
+                "before the probe signals and the freeze can act. Shard with FSDP2 instead (`accelerate launch "
+                "--config_file recipes/accelerate/fsdp2.yaml`), or run under DDP (docs/distributed.md)."
+            )
+        self._refuse_sharded_anchor(args)
+        if getattr(self, "is_fsdp_enabled", False) and args.fusion == "cpi":
+            # the fusion reads whole probe models on rank 0
+            raise DPIConfigError(
+                "fusion='cpi' is not supported under FSDP (the fusion reads whole probe models on one rank); run it "
+                "under DDP, or set fusion='none' for a sharded run."
             )
         self._task_train = self._tokenized_tasks(kwargs.get("formatting_func"))
         if args.masks_from is not None and args.needs_probes and self._preloaded_cores is None:
@@ -169,11 +186,24 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         if args.protects and self.protection is None:
             self._load_protection(args, self.model)
 
+    def _refuse_sharded_anchor(self, args: DPIConfig) -> None:
+        # the EWC / L2-SP anchor keeps whole θ_A and F tensors: under FSDP it would only fail when a stage (after the
+        # probes) or the training starts, so refuse now
+        if args.anchors and (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)):
+            raise DPIConfigError(
+                f"protect_method={args.protect_method!r} is not supported under FSDP or DeepSpeed (its anchor θ_A "
+                "and importance F are whole, unsharded tensors); run it in one process or under DDP, or protect "
+                "with protect_method='freeze'."
+            )
+
     def _load_protection(self, args: DPIConfig, model) -> None:
         # now, before any probe or step: a wrong artifact, an unknown task or masks of other weights fail at once
         self.protected, self.protection = load_protected_cores(args, model)
         logger.info("DPI: protecting %s elements (%.3f%%), the cores of %s from %s", f"{self.protected.count():,}",
                     100 * self.protection["fraction"], self.protection["tasks"], self.protection["source"])
+        if args.anchors:  # θ_A = the weights now, before any training (the weights the cores were probed on)
+            anchor = build_anchor(args, model, self.protected, self.protection["tasks"])
+            self._anchor_callback = AnchorCallback(anchor, args.protect_ewc_form)
 
     def _load_masks(self, args: DPIConfig, model):
         cores, self._mask_source = load_run_masks(args, model, list(self.tasks))
@@ -235,6 +265,14 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
     def stage_history(self) -> list[dict]:
         """The probes and stages run so far, as dicts (see :class:`~dpi_hf.phases.PhaseRecord`)."""
         return [r.to_dict() for r in self.phase_records]
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # the protection penalty, measured once per optimizer step, logged as its mean over the logging interval
+        if self._anchor_callback is not None and "loss" in logs:
+            penalty = self._anchor_callback.pop_mean()
+            if penalty is not None:
+                logs[PENALTY_LOG_KEY] = penalty
+        super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         # count the examples each phase steps on, where the batch is known (reported in the phase records)
@@ -400,6 +438,8 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         record = {
             **self._settings(),
             "run_identity": identity,
+            # the model card's base_model: a Hub id, never a local path (an offline checkpoint names its source)
+            "base_model": hub_model_id(getattr(getattr(self.model, "config", None), "_name_or_path", None)),
             "probe_cost": {"phases": len(probes), "steps": sum(r.steps for r in probes),
                            "examples": sum(r.examples for r in probes), "tokens": sum(r.tokens for r in probes)},
         }
@@ -419,6 +459,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         self._fingerprint = model_fingerprint(self.model)
         identity = self._run_identity()
         progress, explicit = self._prepare_run_dir(resume_from_checkpoint, identity)
+        self._shard_model()  # FSDP2: before θ0 is copied
         self.phase_records = []
 
         cores, reliability = None, None
@@ -431,7 +472,9 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
                 self._restore(theta0)
                 del theta0
         plan = self._make_plan(cores, reliability)
-        self.cores, self.plan = cores, plan
+        global_cores = gathered(cores)  # sharded cores: the global masks, gathered on rank 0 only
+        # trainer.cores: the global masks (on rank 0 of a sharded run; the other ranks keep their own rows' part)
+        self.cores, self.plan = (global_cores if global_cores is not None else cores), plan
         logger.info("DPI plan:\n%s", plan.describe())
         self._check_reliability(reliability)
         if explicit is not None:
@@ -439,7 +482,11 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             check_explicit_checkpoint(explicit, self._runs_dir, [k for k in range(len(plan.stages)) if k not in finished])
         artifact = self._artifact_record(identity)
         if self.is_world_process_zero():
-            save_dpi_artifacts(self._base_output_dir, cores, plan, fingerprint=self._fingerprint, **artifact)
+            save_dpi_artifacts(self._base_output_dir, global_cores, plan, fingerprint=self._fingerprint, **artifact)
+            if a.save_importance:
+                collect_importance(self._runs_dir, self._base_output_dir, list(self.tasks), self._fingerprint,
+                                   signal=a.core_signal, **{k: v for k, v in self._settings().items()
+                                                            if k in MASK_SETTINGS})
         if self.protection is not None:  # beside plan.json's copy: the same file a one-dataset protected run writes
             self._write_json(self._dpi_dir / PROTECTED_FILE, self.protection)
         kill_point("after-plan")
@@ -458,7 +505,7 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
         finished = list(progress.get("finished_stages", []))
         self.phase_records += [PhaseRecord.from_dict(r) for r in progress.get("stages", [])]
         if finished:
-            self._restore(load_file(str(self._runs_dir / f"stage-{max(finished)}.safetensors")))
+            self._restore(self._load_stage_state(max(finished)))
             logger.info("DPI: resuming after stage %d", max(finished) + 1)
         if self._fuses:  # the card says how the transplant went, on resume too
             artifact["fusion_transplant"] = (self._fuse(plan, cores) if not finished else
@@ -469,14 +516,16 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             if k in finished:
                 continue
             frozen = plan.frozen_before(k) if plan.freeze else None
-            if self.protected is not None:  # the protected cores stay frozen in every stage, on top of the plan's
+            if self.protected is not None and a.freezes_protected:  # frozen in every stage, on top of the plan's
                 frozen = self.protected if frozen is None else CoreMask.union_all([self.protected, frozen])
             n_frozen = frozen.count() if frozen is not None else 0
             logger.info("DPI: stage %d/%d %s frozen %.3f%% (%s elements)", k + 1, len(plan.stages), stage,
                         100 * n_frozen / max(plan.total_elements, 1), f"{n_frozen:,}")
             data = concatenate_datasets([self._task_train[t] for t in stage]) if len(stage) > 1 else \
                 self._task_train[stage[0]]
-            callbacks = [FreezeMaskCallback(frozen)] if n_frozen else []
+            # the anchor first: its decoupled pull must come before the freezer's restore (trainer/ewc.py)
+            callbacks = ([self._anchor_callback] if self._anchor_callback is not None else []) + \
+                ([FreezeMaskCallback(frozen)] if n_frozen else [])
             t0, c0 = time.perf_counter(), time.process_time()
             checkpoint = self._checkpoint_for(k, explicit, resume)
             out = self._run_phase(self._phase_args(f"stage-{k}", False, steps[k], epochs), data,
@@ -495,19 +544,16 @@ class DPITrainer(ProbingMixin, FusionMixin, SFTTrainer):
             self.phase_records.append(record)
             if a.save_stage_models:  # every rank: save_model synchronises the processes itself
                 self.save_model(str(Path(self._base_output_dir) / f"stage-{k}"))
-            if self.is_world_process_zero():
-                # the weights after stage k, under a name of their own: a kill before progress.json records stage k
-                # leaves the previous stage's file (the one a resume restores) intact
-                state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters()}
-                atomic_save_file(state, self._runs_dir / f"stage-{k}.safetensors")
+            # the weights after stage k, under a name of their own: a kill before progress.json records stage k
+            # leaves the previous stage's file (the one a resume restores) intact
+            self._save_stage_state(k)
             kill_point(f"after-stage-{k}-save")
             finished.append(k)
             self._write_json(self._runs_dir / "progress.json", {
                 "finished_stages": finished, "stages": [r.to_dict() for r in self.phase_records if r.kind == STAGE],
                 "forgetting": forgetting})
-            if self.is_world_process_zero():
-                for older in finished[:-1]:
-                    (self._runs_dir / f"stage-{older}.safetensors").unlink(missing_ok=True)
+            for older in finished[:-1]:
+                self._stage_state_path(older).unlink(missing_ok=True)
             self.accelerator.wait_for_everyone()
         if forgetting:
             self._write_json(self._dpi_dir / "forgetting.json", forgetting)

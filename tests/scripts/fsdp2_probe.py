@@ -28,20 +28,21 @@ from dpi_hf.core import update_magnitudes
 STEPS_PROBE, STEPS_STAGE, P = 3, 6, 0.02
 
 
-def build_model():
+def build_model(tie_word_embeddings=False):
+    """The tiny Llama of the FSDP2 scripts (fsdp2_pieces.py uses it with tied embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(cfg)
 
 
 def batch(step, task):
+    """Seeded token ids (4 rows of 16) for ``step`` of ``task``: the same on every rank and in one process."""
     g = torch.Generator().manual_seed(1000 * task + step)
-    ids = torch.randint(0, 512, (4, 16), generator=g)
-    return ids
+    return torch.randint(0, 512, (4, 16), generator=g)
 
 
 def train(model, steps, task, opt, start=0, after_step=None):
@@ -75,8 +76,19 @@ def digest_local(model):
 
 
 def same_mask(a, b):
+    """Whether two global masks are equal; for a ShardedCoreMask ``a`` (every rank calls this): whether this rank
+    holds exactly ``b``'s elements of its rows with ``b``'s counts, and (on rank 0) whether ``a.gather()`` is ``b``."""
+    if hasattr(a, "gather"):
+        gathered = a.gather()
+        local = a.names() == b.names() and a.count() == b.count() and all(
+            torch.equal(a.indices(n), _in_range(b.indices(n), *a.local_range(n))) for n in a.names())
+        return local and (gathered is None or same_mask(gathered, b))
     return a.names() == b.names() and all(
         a.shape(n) == b.shape(n) and torch.equal(a.indices(n).long(), b.indices(n).long()) for n in a.names())
+
+
+def _in_range(idx, lo, hi):
+    return idx[(idx >= lo) & (idx < hi)]
 
 
 def single(out):
@@ -169,6 +181,7 @@ def distributed(mode, out, kill_at, resume):
         core_gathered = select_core(gathered, P)
         core_per_tensor = select_core(magnitudes, P, scope="per_tensor")
         report.update(theta0_bytes=theta0_bytes, full_bytes=full_bytes, count=core.count(),
+                      local_count=core.local_count(),
                       same_as_gathered=same_mask(core, core_gathered),
                       same_as_one_process=same_mask(core, core_1p),
                       per_tensor_same_as_gathered=same_mask(core_per_tensor, select_core(gathered, P,

@@ -2,8 +2,9 @@
 
 Every rank builds the same random full tensors (uneven row counts, empty shards, heavy ties, -0.0), shards them
 ``Shard(0)`` with ``DTensor.from_local`` and runs ``select_core`` on the shards; the result must equal the
-one-process ``select_core`` on the full tensors, element for element, for both scopes and every selection path.
-Writes OUT.<rank> with {"cases": n, "digest": ..., "errors": {...}}.
+one-process ``select_core`` on the full tensors, element for element, for both scopes and every selection path:
+each rank's ShardedCoreMask holds exactly the expected elements of its own rows (with the global counts), and its
+gather() on rank 0 is the one-process mask. Writes OUT.<rank> with {"cases": n, "digest": ..., "errors": {...}}.
 """
 
 import hashlib
@@ -16,9 +17,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from dpi_hf.core import distributed_selection, selection
+from dpi_hf.core import selection
 from dpi_hf.core.errors import DPIConfigError, ProbeDivergedError
 from dpi_hf.core.selection import select_core
+from dpi_hf.core.sharded_mask import ShardedCoreMask
 
 
 def full_tensors(seed, dtype=torch.float32):
@@ -63,6 +65,28 @@ def same(a, b):
         assert torch.equal(a.indices(n).long(), b.indices(n).long()), n
 
 
+def same_sharded(got, expected):
+    """``got`` (this rank's ShardedCoreMask) holds exactly ``expected``'s elements in its rows, knows the global
+    counts, and gathers to ``expected`` on rank 0 (None elsewhere)."""
+    assert isinstance(got, ShardedCoreMask), type(got)
+    assert got.names() == expected.names()
+    assert got.count() == expected.count()
+    local = 0
+    for n in got.names():
+        assert got.shape(n) == expected.shape(n) and got.count(n) == expected.count(n), n
+        lo, hi = got.local_range(n)
+        idx = expected.indices(n)
+        mine = idx[(idx >= lo) & (idx < hi)]
+        assert torch.equal(got.indices(n), mine), n
+        local += mine.numel()
+    assert got.local_count() == local
+    gathered = got.gather()
+    if dist.get_rank() == 0:
+        same(gathered, expected)
+    else:
+        assert gathered is None
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -78,22 +102,24 @@ def main(out):
                     for chunk, limit in ((selection._CHUNK, selection._MAX_BOUNDARY), (3, selection._MAX_BOUNDARY),
                                          (4, 0)):
                         with mock.patch.object(selection, "_CHUNK", chunk), \
-                                mock.patch.object(distributed_selection, "_MAX_BOUNDARY", limit), \
                                 mock.patch.object(selection, "_MAX_BOUNDARY", limit):
                             expected = select_core(full, p, scope=scope)
                             got = select_core(sharded, p, scope=scope)
-                            same(got, expected)
+                            same_sharded(got, expected)
                             # include/exclude and a one-shot generator take the same path
                             gen = ((n, v) for n, v in sharded.items())
-                            same(select_core(gen, p, scope=scope, exclude=["layer3"]),
+                            same_sharded(select_core(gen, p, scope=scope, exclude=["layer3"]),
                                  select_core(full, p, scope=scope, exclude=["layer3"]))
-                            digests.append(digest(got))
+                            digests.append(digest(expected))
                             cases += 2
     # a plain tensor among DTensors is replicated: counted once
     full = full_tensors(7)
     mixed = shard(full, mesh)
     mixed["layer2.weight"] = full["layer2.weight"]
-    same(select_core(mixed, 0.3), select_core(full, 0.3))
+    got, expected = select_core(mixed, 0.3), select_core(full, 0.3)
+    same_sharded(got, expected)
+    # the replicated tensor's whole selection is on every rank (each rank holds that tensor whole)
+    assert torch.equal(got.indices("layer2.weight"), expected.indices("layer2.weight"))
     cases += 1
 
     errors = {}

@@ -35,3 +35,22 @@ def load_metric(name: str) -> Any:
     import evaluate
 
     return evaluate.load(metric_path(name))
+
+
+def text_pair_info(description: str, inputs_description: str) -> Any:
+    """The ``evaluate.MetricInfo`` every module here returns: string ``predictions`` scored against string
+    ``references``.
+
+    Args:
+        description: what the metric computes.
+        inputs_description: its arguments and return value (the module's ``compute`` docs).
+    """
+    import datasets
+    import evaluate
+
+    return evaluate.MetricInfo(
+        description=description,
+        citation="",
+        inputs_description=inputs_description,
+        features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+    )

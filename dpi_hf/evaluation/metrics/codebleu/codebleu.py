@@ -4,10 +4,10 @@ Load it with ``dpi_hf.evaluation.load_metric("codebleu")`` (or ``evaluate.load``
 ``compute(predictions=[...], references=[...])`` returns :func:`dpi_hf.evaluation.code.codebleu_score`'s dict.
 """
 
-import datasets
 import evaluate
 
 from dpi_hf.evaluation.code import codebleu_score
+from dpi_hf.evaluation.metrics import text_pair_info
 
 _DESCRIPTION = (
     "Mean per-example CodeBLEU (codebleu.calc_codebleu, lang='python', weights 0.25 each) of the code extracted "
@@ -25,13 +25,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class CodeBleu(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
-        )
+        return text_pair_info(_DESCRIPTION, _KWARGS)
 
     def _compute(self, predictions, references):
         return codebleu_score(list(predictions), list(references))

@@ -4,10 +4,10 @@ Load it with ``dpi_hf.evaluation.load_metric("gsm8k_accuracy")`` (or ``evaluate.
 ``compute(predictions=[...], references=[...])`` returns :func:`dpi_hf.evaluation.gsm8k.gsm8k_accuracy`'s dict.
 """
 
-import datasets
 import evaluate
 
 from dpi_hf.evaluation.gsm8k import gsm8k_accuracy
+from dpi_hf.evaluation.metrics import text_pair_info
 
 _DESCRIPTION = (
     "Exact-match accuracy (%) of the final number: after the last '####', else after the last 'Answer:', else the "
@@ -26,13 +26,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Gsm8kAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
-        )
+        return text_pair_info(_DESCRIPTION, _KWARGS)
 
     def _compute(self, predictions, references):
         return gsm8k_accuracy(list(predictions), list(references))

@@ -5,10 +5,10 @@ Load it with ``dpi_hf.evaluation.load_metric("rougeL_proxy")`` (or ``evaluate.lo
 It is a proxy for overlap with the reference, never a judge score.
 """
 
-import datasets
 import evaluate
 
 from dpi_hf.evaluation.rouge import rouge_l_proxy
+from dpi_hf.evaluation.metrics import text_pair_info
 
 _DESCRIPTION = (
     "Mean ROUGE-L F1 (rouge_score, Porter stemming) against the reference answer: the offline proxy reported when "
@@ -26,13 +26,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class RougeLProxy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
-        )
+        return text_pair_info(_DESCRIPTION, _KWARGS)
 
     def _compute(self, predictions, references):
         return rouge_l_proxy(list(predictions), list(references))
