@@ -99,7 +99,8 @@ def test_fsdp2_multitask_pieces_equal_one_process(tmp_path):
     rank, Σg² probes per shard, per-rank core parts (ShardedCoreMask) that gather to the one-process cores, the same
     plan, stage state saved by DPITrainer's own code as one safetensors file of local shards per rank, stage 2 with
     the first core frozen on the local shards (bit-identical), a resume from the per-rank files, and final weights
-    equal to the unsharded run's bit for bit."""
+    equal to the unsharded run's bit for bit; probe_affinity's gradient dot products under FSDP2 equal the one
+    process's."""
     out = tmp_path / "r"
     r = subprocess.run([sys.executable, str(SCRIPTS / "fsdp2_pieces.py"), "single", str(out)],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -123,6 +124,12 @@ def test_fsdp2_multitask_pieces_equal_one_process(tmp_path):
         assert "another number of processes" in rep["other_world_error"]
         assert rep["shard_mask_equal"]
         assert rep["union_with_global"] == single["union_with_global"]
+        # probe_affinity's dot products: all-reduced from the local shards, the one process's from its files (float64
+        # sums in another order: equal to rounding); nothing kept once the last task is recorded
+        for key in ("aa", "bb", "ba"):
+            assert rep["affinity_dots"][key] == pytest.approx(single["affinity_dots"][key], rel=1e-9)
+        assert rep["affinity_dots"]["kept_after_last"] == single["affinity_dots"]["kept_after_last"] == 0
+        assert single["affinity_dots"]["aa"] > 0 and single["affinity_dots"]["ba"] != 0
         assert rep["intersection"] == single["intersection"]
     for task, count in single["core_counts"].items():
         assert ranks[0]["local_counts"][task] + ranks[1]["local_counts"][task] == count

@@ -176,16 +176,29 @@ class ProbingMixin:
         return self._runs_dir / "probes" / f"{safe_name(task)}.gradient.safetensors"
 
     def _record_gradient(self, task: str, probe: CoreProbeCallback, earlier: list[str], last: bool) -> dict:
-        """The dot products of ``task``'s signed gradient sum with itself and every earlier task's (read from their
-        files one tensor at a time), its step count and probe loss; its own sum is written for the later tasks."""
+        """The dot products of ``task``'s signed gradient sum with itself and every earlier task's, its step count and
+        probe loss. Full sums (one process, DDP) are written for the later tasks and read back one tensor at a time;
+        sharded sums (FSDP2: this rank's shards, a 1/world share of a model per task) stay in memory and their dot
+        products are all-reduced over the mesh."""
         t0, c0 = time.perf_counter(), time.process_time()
         total = probe.gradient_sum
         probe.gradient_sum = None
-        record = {"dots": {t: gradient_dot_file(total, self._gradient_path(t)) for t in earlier},
-                  "steps": probe.gradient_steps, "loss": self.phase_records[-1].train_loss}
+        sharded = any(hasattr(v, "to_local") for v in total.values())
+        kept = self.__dict__.setdefault("_sharded_gradient_sums", {})
+        if sharded:
+            dots = {t: gradient_dot(total, kept[t]) for t in earlier}
+        else:
+            dots = {t: gradient_dot_file(total, self._gradient_path(t)) for t in earlier}
+        record = {"dots": dots, "steps": probe.gradient_steps, "loss": self.phase_records[-1].train_loss}
         record["dots"][task] = gradient_dot(total, total)
-        if not last and self.is_world_process_zero():  # the last task's sum is needed by no later task
-            atomic_save_file({n: v.detach().contiguous().cpu() for n, v in total.items()}, self._gradient_path(task))
+        if not last:  # the last task's sum is needed by no later task
+            if sharded:
+                kept[task] = total
+            elif self.is_world_process_zero():
+                atomic_save_file({n: v.detach().contiguous().cpu() for n, v in total.items()},
+                                 self._gradient_path(task))
+        else:
+            kept.clear()
         del total
         self.accelerator.wait_for_everyone()
         last_record = self.phase_records[-1]  # the probe's cost includes its dot products and file

@@ -49,11 +49,15 @@ def train(model, steps, task, before_step=None, freezer_mask=None):
         freezer.detach()
 
 
-def probe(model, theta0, task):
+def probe(model, theta0, task, sums=None):
+    """The task's core from a 3-step Σg² probe from θ0; with ``sums``, its signed gradient sum is kept there (what
+    probe_affinity records)."""
     restore_parameters(model, theta0)
-    acc = ImportanceAccumulator(model, "fisher")
+    acc = ImportanceAccumulator(model, "fisher", keep_signed_sum=sums is not None)
     train(model, PROBE_STEPS, task, before_step=acc.accumulate)
     core = select_core(acc.importance(), P)
+    if sums is not None:
+        sums[task] = acc.signed_sum()
     acc.release()
     return core
 
@@ -93,6 +97,29 @@ def stub_trainer(model, runs_dir, rank, world):
     return stub
 
 
+def affinity_dots(model, sums, runs, rank, world):
+    """DPITrainer._record_gradient on these probes' signed sums (task 1, then task 2, the last): the dot products
+    probe_affinity records — from files of full sums on one process, all-reduced from the local shards under FSDP2."""
+    from dpi_hf.trainer.trainer import DPITrainer
+
+    runs.mkdir(exist_ok=True)
+    (runs / "probes").mkdir(exist_ok=True)
+    phase = types.SimpleNamespace(train_loss=1.0, seconds=0.0, cpu_seconds=0.0)
+    stub = types.SimpleNamespace(_runs_dir=runs, phase_records=[phase], is_world_process_zero=lambda: rank == 0,
+                                 accelerator=types.SimpleNamespace(wait_for_everyone=lambda: None))
+    stub._gradient_path = DPITrainer._gradient_path.__get__(stub)
+    record = DPITrainer._record_gradient.__get__(stub)
+    probes = {t: types.SimpleNamespace(gradient_sum=s, gradient_steps=PROBE_STEPS) for t, s in sums.items()}
+    first = record("a", probes[1], [], last=False)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    second = record("b", probes[2], ["a"], last=True)
+    return {"aa": first["dots"]["a"], "bb": second["dots"]["b"], "ba": second["dots"]["a"],
+            "kept_after_last": len(stub._sharded_gradient_sums)}
+
+
 def run(mode, out):
     torch.set_num_threads(1)
     rank, world = 0, 1
@@ -112,7 +139,9 @@ def run(mode, out):
     theta0 = snapshot_parameters(model)  # after sharding: this rank's shards only
     report["theta0_fraction"] = sum(t.numel() * t.element_size() for t in theta0.values()) / full_bytes
 
-    cores = {"a": probe(model, theta0, 1), "b": probe(model, theta0, 2)}
+    sums = {}
+    cores = {"a": probe(model, theta0, 1, sums), "b": probe(model, theta0, 2, sums)}
+    report["affinity_dots"] = affinity_dots(model, sums, Path(f"{out}.{mode}.runs"), rank, world)
     report["sharded_cores"] = type(cores["a"]).__name__
     report["core_counts"] = {t: c.count() for t, c in cores.items()}
     report["local_counts"] = {t: (c.local_count() if hasattr(c, "local_count") else c.count())
