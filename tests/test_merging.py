@@ -143,7 +143,7 @@ def test_merge_checkpoints_bad_input(tmp_path, tokenizer, capsys):
     cases = [
         (["--alpha", "1.2"], r"alpha=1.2 must be a number in \[0, 1\]"),
         (["--alpha", "0.5", "--alpha-core", "-1", "--cores-from", str(tmp_path / "A")], r"alpha_core=-1.0"),
-        (["--alpha", "0.5", "--alpha-core", "0.5"], "go together"),
+        (["--alpha", "0.5", "--alpha-core", "0.5"], "--cores-from and --alpha-core go together"),  # CLI spelling
     ]
     for extra, message in cases:
         assert cli_main(["merge", str(tmp_path / "A"), str(tmp_path / "B"), str(tmp_path / "out"), *extra]) == 2

@@ -21,8 +21,12 @@ def _arguments(merge: argparse.ArgumentParser) -> None:
 
 def run(args, _extra) -> int:
     """``dpi-hf merge``: see :func:`dpi_hf.merging.merge_checkpoints`."""
+    from ..core.errors import DPIConfigError
     from ..merging import merge_checkpoints
 
+    if (args.cores_from is None) != (args.alpha_core is None):  # named as the command line spells them
+        raise DPIConfigError("--cores-from and --alpha-core go together: --alpha-core is the weight of B on the "
+                             "cores' elements. Give both, or neither.")
     out = merge_checkpoints(args.a, args.b, args.output_dir, args.alpha, cores_from=args.cores_from,
                             alpha_core=args.alpha_core)
     print(f"[dpi-hf] merged {args.a} and {args.b} at alpha={args.alpha}"

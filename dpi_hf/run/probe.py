@@ -71,7 +71,7 @@ def _cores_from_importance(recipe: Recipe, importance_from, log):
         raise DPIConfigError(f"--importance_from {importance_from!r} holds no dpi/importance.safetensors; probe once "
                              "with --save_importance true to store it.")
     model, _ = load_model_and_tokenizer(recipe.model)
-    names = [t.name if hasattr(t, "name") else t["name"] for t in recipe.tasks]
+    names = [t.name for t in recipe.tasks]  # Recipe.from_dict made them TaskSpecs
     probe_cores(model, dict.fromkeys(names), recipe.args, importance_from=importance_from)
     _, plan = load_dpi_artifacts(recipe.args.output_dir)
     out = recipe.args.output_dir
