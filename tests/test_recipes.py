@@ -103,7 +103,7 @@ def test_paper_recipes_use_the_papers_settings(path):
     assert raw["model"]["dtype"] == "bfloat16"
     assert f"accelerate launch --multi_gpu --num_processes 8 -m dpi_hf.cli train recipes/{path.name}" in text
     sources = {(t["path"], t.get("config")) for t in raw["tasks"]}
-    assert {("openai/gsm8k", "main"), ("sahil280114/codealpaca", None), ("lucasmccabe/logiqa", None),
+    assert {("openai/gsm8k", "main"), ("sahil2801/CodeAlpaca-20k", None), ("lucasmccabe/logiqa", None),
             ("tatsu-lab/alpaca", None), ("HuggingFaceH4/ultrachat_200k", None)} == sources
     assert not wants_offline(read_recipe(path))
 
