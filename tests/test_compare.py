@@ -35,6 +35,7 @@ TRAINING = dict(per_device_train_batch_size=BATCH, learning_rate=1e-2, max_steps
 EVAL = dict(metrics={"code": "codebleu", "chat": "rougeL_proxy"}, metric_samples=2, max_new_tokens=6,
             batch_size=4, forgetting="nll")
 GROUPS = [["gsm8k", "logiqa"], ["code", "chat"]]
+PAPER_AND_CPI = [*DEFAULT_METHODS, "cpi"]  # the module fixture's methods; the others have their own test
 
 
 def _task_files(tmp_path: Path, n: int = 13) -> list[dict]:
@@ -72,14 +73,14 @@ def comparison(tmp_path_factory, tokenizer):
     # the paper's four methods and cpi, whose stages get 2/3 of the budget after the fusion (4 of 6 steps)
     results = run_comparison(_task_files(tmp), lambda: tiny_llama(tokenizer), out, tokenizer=tokenizer,
                              training={**TRAINING, "fusion_stage_fraction": 2 / 3}, heuristic_groups=GROUPS,
-                             methods=METHODS, seeds=[0], evaluation=EVAL)
+                             methods=PAPER_AND_CPI, seeds=[0], evaluation=EVAL)
     return out, results
 
 
 def test_all_methods_end_to_end_with_the_same_budget(comparison):
     out, results = comparison
     runs = {r["method"]: r for r in results["runs"]}
-    assert list(runs) == list(METHODS) == [*DEFAULT_METHODS, "cpi"]
+    assert list(runs) == PAPER_AND_CPI == list(METHODS[:5])
     cpi = runs.pop("cpi")
     # every method trained on exactly max_steps x batch examples, counted at the training step
     for method, run in runs.items():
@@ -145,7 +146,7 @@ def test_tables_and_plots_are_written(comparison):
                  "## Against multitask, paired by seed", "| cpi |"):
         assert text in table, text
     assert results["paired"]["reference"] == "multitask"
-    assert list(results["paired"]["methods"]) == [m for m in METHODS if m != "multitask"]
+    assert list(results["paired"]["methods"]) == [m for m in PAPER_AND_CPI if m != "multitask"]
     assert results["paired"]["methods"]["dpi"]["seeds"] == [0]
     for plot in ("scores.png", "forgetting.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG" and (out / plot).stat().st_size > 5000
@@ -212,7 +213,7 @@ def test_sweep_over_core_fraction_and_scope(tmp_path, tokenizer):
     assert "| p0.2-per_tensor | 0.2 | per_tensor | 2 |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
-def test_recipe_and_cli_parsers():
+def test_recipe_and_cli_parsers(tmp_path):
     path, data = ROOT / "recipes" / "compare-smollm2-cpu.yaml", {"data_dir": str(FIXTURE_DATA)}
     recipe = load_compare_recipe(path, data)
     tasks = recipe.recipe.tasks
@@ -236,6 +237,16 @@ def test_recipe_and_cli_parsers():
     assert with_cpi.training["fusion_stage_fraction"] == 0.5
     with pytest.raises(DPIConfigError, match="fusion_factor='big' must be a number"):
         load_compare_recipe(path, {**data, "fusion_factor": "big"})
+    assert recipe.vary_rows is False
+    raw = yaml.safe_load(path.read_text())
+    for value, ok in ((True, True), ("yes", False)):
+        raw["compare"]["vary_rows"] = value
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+        if ok:
+            assert load_compare_recipe(tmp_path / "r.yaml", data).vary_rows is True
+        else:
+            with pytest.raises(DPIConfigError, match="compare.vary_rows='yes' must be true or false"):
+                load_compare_recipe(tmp_path / "r.yaml", data)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true")
@@ -305,3 +316,59 @@ def test_paired_differences_against_multitask_by_hand():
     assert "| dpi | -0.100 ± 0.141 | 1/2 | -0.150 ± 0.071 | -0.050 ± 0.212 | -0.25 ± 1.06 | 1/2 |" in text
     assert "| cpi | 0.100 | 0/1 |" in text
     assert _paired_lines({"reference": None, "methods": {}}, ["a"]) == []
+
+
+def test_single_task_affinity_and_sequential_freeze_with_rows_varied(tmp_path, tokenizer):
+    """The methods of the seesaw question: each task alone on the steps its rows get in the mixture (the same
+    examples in all), DPI grouped on gradient affinity, sequential stages with earlier cores frozen; with vary_rows
+    each seed trains and scores other rows, and the score differences against multitask carry 95 % intervals."""
+    from dpi_hf.compare.context import build_context
+
+    specs = _task_files(tmp_path)
+    training = {**TRAINING, "core_signal": "fisher", "max_steps": 8}  # affinity reads the probes' gradients
+    methods = ["multitask", "single_task", "dpi_affinity", "sequential_freeze"]
+    results = run_comparison(specs, lambda: tiny_llama(tokenizer), tmp_path / "out", tokenizer=tokenizer,
+                             training=training, methods=methods, seeds=[0, 1], evaluation=EVAL, include_base=False,
+                             vary_rows=True)
+    tasks = results["tasks"]
+    runs = {(r["method"], r["seed"]): r for r in results["runs"]}
+    for seed in (0, 1):
+        single, mixture = runs[("single_task", seed)], runs[("multitask", seed)]
+        # 10 training rows per task: 8 steps split 2/2/2/2, the examples the mixture trains on
+        assert [p["tasks"] for p in single["phases"]] == [[t] for t in tasks] == single["stages"]
+        assert [p["steps"] for p in single["phases"]] == [2, 2, 2, 2]
+        assert single["train_examples"] == mixture["train_examples"] == 8 * BATCH and single["probe_examples"] == 0
+        assert set(single["tasks"]) == set(tasks) and all(math.isfinite(e["nll"]) for e in single["tasks"].values())
+        assert single["macro"] is not None
+        affinity = runs[("dpi_affinity", seed)]
+        assert affinity["fields"] == {"staging": "dpi", "overlap": "affinity"}
+        assert affinity["plan"]["overlap"] == "affinity" and affinity["plan"]["affinity"] is not None
+        sequential = runs[("sequential_freeze", seed)]
+        assert sequential["stages"] == [[t] for t in tasks] and sequential["probe_examples"] > 0
+        assert all(f > 0 for f in sequential["frozen_fraction"][1:])
+    assert results["settings"]["vary_rows"] is True
+    single = results["paired"]["methods"]["single_task"]["score"]
+    for t in tasks:
+        d = single[t]
+        assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
+    assert "Δ gsm8k score" in (tmp_path / "out" / "results.md").read_text()
+    # seed 1's rows are other rows than seed 0's (training and held-out), both runs of a seed the same rows
+    ctx = build_context(specs, lambda: tiny_llama(tokenizer), tmp_path / "ctx", None, EVAL, tokenizer, "auto", False,
+                        False, vary_rows=True)
+    other = ctx.for_seed(1)
+    assert ctx.for_seed(0) is ctx
+    for t in tasks:
+        assert other.eval_sets[t]["prompt"] != ctx.eval_sets[t]["prompt"]
+        assert other.train_sets[t]["prompt"] != ctx.train_sets[t]["prompt"]
+    with pytest.raises(DPIConfigError, match="vary_rows draws other rows"):
+        build_context({"a": None}, None, tmp_path, None, EVAL, tokenizer, "auto", False, False, vary_rows=True)
+
+
+def test_mean_ci_by_hand():
+    from dpi_hf.compare.summary import mean_ci, t_quantile_975
+
+    d = mean_ci([0.1, 0.3, 0.2])
+    half = 4.303 * 0.1 / 3 ** 0.5  # t(0.975, 2 df) · sd / sqrt(n)
+    assert d["mean"] == pytest.approx(0.2) and d["lo"] == pytest.approx(0.2 - half) and d["hi"] == pytest.approx(0.2 + half)
+    assert mean_ci([0.5])["lo"] is None and mean_ci([])["mean"] is None
+    assert t_quantile_975(20) == pytest.approx(2.086, abs=0.002) and t_quantile_975(60) == pytest.approx(2.000, abs=0.002)

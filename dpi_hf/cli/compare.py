@@ -29,7 +29,7 @@ def compare_command(args, overrides: Sequence[str] = ()) -> int:
         recipe.recipe.tasks, recipe.recipe.model, recipe.output_dir, training=recipe.training,
         methods=args.methods or recipe.methods, heuristic_groups=recipe.heuristic_groups,
         seeds=args.seeds or recipe.seeds, evaluation=recipe.evaluation, include_base=recipe.include_base,
-        resume=args.resume, keep_stage_models=recipe.keep_stage_models)
+        resume=args.resume, keep_stage_models=recipe.keep_stage_models, vary_rows=recipe.vary_rows)
     print_written(recipe.output_dir, "results.md", results["files"])
     return 0
 

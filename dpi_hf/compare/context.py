@@ -30,6 +30,23 @@ class RunContext:
     data_key: Any
     resume: bool
     keep_stage_models: bool
+    specs: list | None = None  # the TaskSpecs the sets were loaded from (None: datasets were given)
+    vary_rows: bool = False
+
+    def for_seed(self, seed: int) -> "RunContext":
+        """The context of one seed's runs: with ``vary_rows``, every task's ``seed`` (and ``eval_seed``) shifted by
+        ``seed``, so that the seeds draw other training and held-out rows; otherwise this context."""
+        if not self.vary_rows or seed == 0:
+            return self
+        from ..data import load_tasks
+
+        specs = [dataclasses.replace(s, seed=s.seed + seed,
+                                     eval_seed=None if s.eval_seed is None else s.eval_seed + seed)
+                 for s in self.specs]
+        loaded = load_tasks(specs)
+        return dataclasses.replace(self, train_sets={t: d["train"] for t, d in loaded.items()},
+                                   eval_sets={t: d["eval"] for t, d in loaded.items()},
+                                   data_key=[dataclasses.asdict(s) for s in specs])
 
     def new_model(self):
         """A fresh copy of the model to train or evaluate; the first call also provides the tokenizer."""
@@ -40,13 +57,17 @@ class RunContext:
 
 
 def build_context(tasks, model, output_dir, training, evaluation, tokenizer, dtype, resume,
-                  keep_stage_models) -> RunContext:
+                  keep_stage_models, vary_rows: bool = False) -> RunContext:
     """Load the tasks, check them against the evaluation settings and build the model loaders: everything
     :func:`~dpi_hf.compare.run_comparison` checks before training (its arguments, same meaning)."""
     from ..data import TaskSpec, load_tasks
 
     evaluation = evaluation if isinstance(evaluation, EvalSettings) else EvalSettings.from_dict(evaluation)
+    specs = None
     if isinstance(tasks, Mapping):
+        if vary_rows:
+            raise DPIConfigError("vary_rows draws other rows for each seed from the tasks' TaskSpecs, and the tasks "
+                                 "were given as datasets; pass TaskSpecs (or their dicts), or vary_rows=False.")
         loaded, sources, data_key = dict(tasks), {t: None for t in tasks}, {
             t: [getattr(d, "_fingerprint", None) for d in dd.values()] for t, dd in tasks.items()}
     else:
@@ -98,5 +119,5 @@ def build_context(tasks, model, output_dir, training, evaluation, tokenizer, dty
                       eval_sets={t: d["eval"] for t, d in loaded.items()}, task_metrics=task_metrics,
                       tokenizer=tokenizer, load_model=load_model, load_stage_model=load_stage_model,
                       model_id=model_id, training=training, evaluation=evaluation, judge=judge, data_key=data_key,
-                      resume=resume, keep_stage_models=keep_stage_models)
+                      resume=resume, keep_stage_models=keep_stage_models, specs=specs, vary_rows=bool(vary_rows))
 

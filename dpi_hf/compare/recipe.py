@@ -21,7 +21,7 @@ class CompareRecipe:
         training: the DPIConfig fields the recipe sets (converted), shared by every run; without ``output_dir``.
         evaluation: the settings built from ``eval:`` and ``compare:`` (``nll_samples``, ``forgetting``).
         include_base: ``eval.before``: evaluate the base model as a reference row.
-        methods, seeds, heuristic_groups, keep_stage_models: the ``compare:`` section.
+        methods, seeds, heuristic_groups, keep_stage_models, vary_rows: the ``compare:`` section.
         sweep: the ``sweep:`` section as :func:`run_sweep` keyword arguments.
         output_dir: where results go (the recipe's ``output_dir``, default ``runs/<recipe file stem>``).
     """
@@ -36,10 +36,12 @@ class CompareRecipe:
     keep_stage_models: bool
     sweep: dict
     output_dir: str
+    vary_rows: bool = False
 
 
 COMPARE_SECTIONS = ("compare", "sweep")
-_COMPARE_KEYS = ("methods", "seeds", "heuristic_groups", "nll_samples", "forgetting", "keep_stage_models")
+_COMPARE_KEYS = ("methods", "seeds", "heuristic_groups", "nll_samples", "forgetting", "keep_stage_models",
+                 "vary_rows")
 _SWEEP_KEYS = ("core_fractions", "scopes", "seeds", "staging", "stage_groups", "reference")
 
 
@@ -48,7 +50,8 @@ def load_compare_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str
 
     ``compare:`` — ``methods`` (default :data:`DEFAULT_METHODS`, the paper's four; ``cpi`` by name), ``seeds`` (default ``[0]``), ``heuristic_groups``
     (the stages of ``multistage_heuristic``), ``nll_samples`` (rows of each eval split used for the held-out NLL;
-    default all), ``forgetting`` (``nll``/``all``/``none``, default ``nll``), ``keep_stage_models`` (default false).
+    default all), ``forgetting`` (``nll``/``all``/``none``, default ``nll``), ``keep_stage_models`` (default false),
+    ``vary_rows`` (default false: seed s shifts every task's ``seed`` and ``eval_seed`` by s, so seeds draw other rows).
     ``sweep:`` — the keyword arguments of :func:`run_sweep` (``core_fractions``, ``scopes``, ``seeds``, ``staging``,
     ``stage_groups``, ``reference``). ``eval.max_samples`` is the number of rows each task's metric scores
     (``nll_samples`` and ``forgetting`` may also be given under ``eval:``; ``compare:`` wins);
@@ -89,8 +92,15 @@ def load_compare_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str
         recipe=recipe, training=training, evaluation=evaluation, include_base=spec.before,
         methods=list(compare.get("methods", DEFAULT_METHODS)), seeds=list(compare.get("seeds", [0])),
         heuristic_groups=compare.get("heuristic_groups"), keep_stage_models=bool(compare.get("keep_stage_models")),
+        vary_rows=_flag(compare.get("vary_rows", False), "compare.vary_rows", path),
         sweep=dict(sweep), output_dir=str(raw.get("output_dir") or Path("runs") / Path(path).stem))
 
+
+
+def _flag(value, key: str, path) -> bool:
+    if not isinstance(value, bool):
+        raise DPIConfigError(f"recipe {str(path)!r}: {key}={value!r} must be true or false.")
+    return value
 
 
 def _number(value, key: str, path) -> float:

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from ..core.errors import DPIConfigError
 from .context import build_context
 from .report import write_comparison, write_sweep
-from .runs import evaluate_base, train_and_evaluate
+from .runs import evaluate_base, train_and_evaluate, train_single_tasks
 from .settings import DEFAULT_METHODS, METHODS, EvalSettings, check_groups, check_seeds, make_config, method_fields
 from .summary import assemble, assemble_sweep
 
@@ -31,6 +31,7 @@ def run_comparison(
     include_base: bool = True,
     resume: bool = True,
     keep_stage_models: bool = False,
+    vary_rows: bool = False,
 ) -> dict:
     """Train and evaluate the paper's methods on the same data and budget; write the tables and plots.
 
@@ -62,6 +63,10 @@ def run_comparison(
             model itself is not part of the settings: use a new ``output_dir`` (or False) when it changes.
         keep_stage_models: keep the per-stage models ``runs/.../stage-<k>/`` after evaluating them (default False:
             they are deleted, as they take a model's size each).
+        vary_rows: seed s draws other rows: every task's ``seed`` and ``eval_seed`` are shifted by s (training and
+            held-out rows; both runs of a pair by seed use the same rows). Needs TaskSpecs. Default False: every seed
+            trains and scores the same rows (only the order and the initialisation of what is random differ). The
+            base model is scored on the unshifted rows.
 
     Returns:
         The content of ``results.json``: ``{"runs": [run records], "base": base record or None, "summary":
@@ -76,16 +81,22 @@ def run_comparison(
     if bad or not methods:
         raise DPIConfigError(f"methods {bad or methods} are not valid; choose from {list(METHODS)}.")
     seeds = check_seeds(seeds)
-    ctx = build_context(tasks, model, output_dir, training, evaluation, tokenizer, dtype, resume, keep_stage_models)
+    ctx = build_context(tasks, model, output_dir, training, evaluation, tokenizer, dtype, resume, keep_stage_models,
+                        vary_rows)
     groups = check_groups(heuristic_groups, list(ctx.train_sets)) if "multistage_heuristic" in methods else None
-    plans = {m: method_fields(m, groups) for m in methods}
+    plans = {m: method_fields(m, groups, list(ctx.train_sets)) for m in methods}
     for fields in plans.values():  # fail now, not after an hour of training
         make_config(ctx.training, fields, seed=seeds[0], run_dir=ctx.output_dir)
 
     t_start = time.perf_counter()
     base = evaluate_base(ctx) if include_base else None
-    runs = [train_and_evaluate(ctx, m, plans[m], s) for s in seeds for m in methods]
-    results = assemble(ctx, runs, base, methods, seeds, extra_settings={"heuristic_groups": groups})
+    runs = []
+    for s in seeds:
+        seed_ctx = ctx.for_seed(s)
+        runs += [train_single_tasks(seed_ctx, s) if m == "single_task" else train_and_evaluate(seed_ctx, m, plans[m], s)
+                 for m in methods]
+    results = assemble(ctx, runs, base, methods, seeds,
+                       extra_settings={"heuristic_groups": groups, "vary_rows": ctx.vary_rows})
     results["wall_seconds"] = time.perf_counter() - t_start
     write_comparison(ctx.output_dir, results)
     return results

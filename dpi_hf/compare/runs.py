@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..core.errors import DPIConfigError
 from ..evaluation.registry import HELDOUT_LOSS, get_metric
+from ..trainer.multitask import safe_name as safe
 from ..trainer.phases import PROBE, STAGE
 from .context import RunContext
 from .report import write_json
@@ -173,6 +175,72 @@ def train_and_evaluate(ctx: RunContext, name: str, fields: Mapping[str, Any], se
     write_json(path, record)
     del trainer, model
     gc.collect()
+    return record
+
+
+def train_single_tasks(ctx: RunContext, seed: int) -> dict:
+    """The ``single_task`` method at one seed: every task trained alone from the base model, on the optimizer steps
+    its rows get in the mixture (``max_steps`` split in proportion to the tasks' training rows, as the multitask
+    mixture samples them), and scored on its own held-out rows. One record, as a multi-task run's: the tasks' scores
+    side by side, the steps and examples summed (the same budget as the mixture's)."""
+    from ..evaluation import macro_score
+    from ..trainer import DPITrainer
+    from ..trainer.multitask import allocate_steps
+    from ..trainer.run_state import DPI_FIELDS
+
+    name = "single_task"
+    fields = {"staging": "single_task"}
+    run_dir = ctx.output_dir / "runs" / f"seed-{seed}" / name
+    path = run_dir / RECORD
+    key = _settings_key(ctx, name, fields, seed)
+    record = _reuse(ctx, path, key)
+    if record is not None:
+        return record
+    tasks = list(ctx.train_sets)
+    total = ctx.training.get("max_steps")
+    if not total or total < len(tasks):
+        raise DPIConfigError(f"single_task splits max_steps over the {len(tasks)} tasks; set max_steps >= "
+                             f"{len(tasks)} (got {total}).")
+    steps = allocate_steps(total, [len(ctx.train_sets[t]) for t in tasks])
+    sft = {k: v for k, v in ctx.training.items() if k not in DPI_FIELDS}  # a one-task run is plain SFT
+    evaluated: dict[str, Any] = {"tasks": {}, "seconds": 0.0}
+    phases, train_wall, primaries = [], 0.0, []
+    for task, task_steps in zip(tasks, steps):
+        logger.info("compare: training %s alone for %d steps (seed %d)", task, task_steps, seed)
+        args = make_config({**sft, "max_steps": task_steps}, {}, seed=seed, run_dir=run_dir / safe(task))
+        model = ctx.new_model()
+        trainer = DPITrainer(model, args=args, train_dataset=ctx.train_sets[task], processing_class=ctx.tokenizer)
+        t0 = time.perf_counter()
+        trainer.train()
+        train_wall += time.perf_counter() - t0
+        # a one-dataset run is SFTTrainer: one phase, counted like a stage (by DPITrainer's training-step counters)
+        phases.append({"kind": STAGE, "name": f"{task} alone", "tasks": [task], "steps": trainer.state.global_step,
+                       "examples": trainer._phase_examples * args.world_size,
+                       "tokens": trainer._phase_tokens * args.world_size, "seconds": time.perf_counter() - t0})
+        one = evaluate_model(trainer.model, ctx.tokenizer, {task: ctx.eval_sets[task]}, ctx.task_metrics,
+                             ctx.evaluation, judge=ctx.judge)
+        evaluated["tasks"][task] = one["tasks"][task]
+        evaluated["seconds"] += one["seconds"]
+        entry = one["tasks"][task]
+        if entry.get("details") and get_metric(entry["metric"]).is_score:
+            primaries.append(entry["details"][entry["metric"]])
+        del trainer, model
+        gc.collect()
+        shutil.rmtree(run_dir / safe(task), ignore_errors=True)  # nothing saved there is read
+    evaluated["macro"] = macro_score(primaries) if primaries else None
+    record = {
+        "method": name, "seed": seed, "settings_key": key, "fields": fields,
+        "stages": [[t] for t in tasks], "plan": None, "plan_text": "each task trained alone: " + ", ".join(
+            f"{t} {n} steps" for t, n in zip(tasks, steps)),
+        "frozen_fraction": [],
+        "train_examples": sum(p["examples"] for p in phases), "train_steps": sum(p["steps"] for p in phases),
+        "train_seconds": sum(p["seconds"] for p in phases), "probe_examples": 0, "probe_seconds": 0.0,
+        "probe_tokens": 0, "train_tokens": sum(p["tokens"] for p in phases),
+        "total_examples": sum(p["examples"] for p in phases), "total_steps": sum(p["steps"] for p in phases),
+        "train_wall_seconds": train_wall, "phases": phases, **evaluated, "eval_seconds": evaluated["seconds"],
+        "after_stages": [], "forgetting": {"per_task": {}, "mean": None},
+    }
+    write_json(path, record)
     return record
 
 

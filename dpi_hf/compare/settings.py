@@ -13,13 +13,16 @@ from ..utils import check_each_task_once, did_you_mean, is_int
 __all__ = ["METHODS", "DEFAULT_METHODS", "FORGETTING_MODES", "EvalSettings", "eval_record", "check_seeds", "check_groups",
            "method_fields", "make_config"]
 
-# the paper's four methods, and "cpi": DPI whose stages start from the CPI-FT fusion of its probe models
-METHODS: tuple[str, ...] = ("multitask", "multistage_random", "multistage_heuristic", "dpi", "cpi")
-# what a comparison runs when it names no methods: the paper's four (cpi trains probes into the model and keeps them
-# on disk, so it is asked for by name)
+# the paper's four methods; "cpi": DPI whose stages start from the CPI-FT fusion of its probe models;
+# "dpi_affinity": DPI grouped on the tasks' gradient affinity (overlap="affinity"); "sequential_freeze": one stage per
+# task in the given order, each freezing the cores of the tasks before it (sequential fine-tuning with protection);
+# "single_task": every task trained alone, on the steps its rows get in the mixture, and scored on its own rows
+METHODS: tuple[str, ...] = ("multitask", "multistage_random", "multistage_heuristic", "dpi", "cpi", "dpi_affinity",
+                            "sequential_freeze", "single_task")
+# what a comparison runs when it names no methods: the paper's four (the others are asked for by name)
 DEFAULT_METHODS: tuple[str, ...] = METHODS[:4]
 STAGING = {"multitask": "multitask", "multistage_random": "random", "multistage_heuristic": "given", "dpi": "dpi",
-           "cpi": "dpi"}
+           "cpi": "dpi", "dpi_affinity": "dpi", "sequential_freeze": "given", "single_task": "single_task"}
 # Fields the runner sets per method and seed; a recipe setting them would silently change what a method means.
 RUNNER_FIELDS = ("staging", "stage_groups", "seed", "output_dir", "save_stage_models", "fusion")
 # the cpi method's own settings: shared training fields, applied to the cpi runs only (the other methods do not fuse)
@@ -70,13 +73,26 @@ def check_groups(groups, tasks: list[str], what: str = "heuristic_groups") -> li
     return check_each_task_once(groups, tasks, what)
 
 
-def method_fields(method: str, groups) -> dict:
-    """The DPIConfig fields that make a run the method ``method`` (its staging, and the heuristic's groups)."""
+def method_fields(method: str, groups, tasks: list[str] | None = None) -> dict:
+    """The DPIConfig fields that make a run the method ``method`` (its staging, the heuristic's groups, ...).
+
+    Args:
+        method: one of :data:`METHODS`.
+        groups: the stages of ``multistage_heuristic`` (None when it does not run).
+        tasks: the task names in order (the stages of ``sequential_freeze``; default None).
+
+    ``single_task`` returns ``{"staging": "single_task"}``: not a DPIConfig value but the runner's mark for one
+    training per task (:func:`~dpi_hf.compare.runs.train_single_tasks`), each an ordinary one-dataset run.
+    """
     fields: dict[str, Any] = {"staging": STAGING[method]}
     if method == "multistage_heuristic":
         fields["stage_groups"] = groups
     if method == "cpi":
         fields["fusion"] = "cpi"
+    if method == "dpi_affinity":  # probe_affinity resolves to True for this overlap
+        fields["overlap"] = "affinity"
+    if method == "sequential_freeze":
+        fields.update(stage_groups=[[t] for t in tasks or []], freeze_cores=True)
     return fields
 
 
@@ -96,6 +112,11 @@ def make_config(training: Mapping[str, Any], fields: Mapping[str, Any], *, seed:
     """
     from ..trainer.config import DPIConfig
 
+    if fields.get("staging") == "single_task":  # each task's run is plain SFT on one dataset (no DPI fields)
+        from ..trainer.run_state import DPI_FIELDS
+
+        fields = {k: v for k, v in fields.items() if k != "staging"}
+        training = {k: v for k, v in training.items() if k not in DPI_FIELDS}
     # the harness owns its run folders (it reuses finished runs by their settings itself), so a run it trains
     # again starts clean
     kwargs = {**training, **fields, "seed": seed, "output_dir": str(run_dir), "save_stage_models": save_stages,

@@ -21,6 +21,28 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values)}
 
 
+# two-sided 95 % quantiles of Student's t for 1-10 degrees of freedom; above, the Cornish-Fisher expansion (< 0.005 off)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5th percentile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_ci(values: list[float]) -> dict:
+    """:func:`mean_std` plus the 95 % t-interval of the mean (``lo``, ``hi``; None for fewer than two values): for
+    differences paired by seed, an effect is one whose interval excludes 0."""
+    out = mean_std(values)
+    if out["n"] < 2:
+        return {**out, "lo": None, "hi": None}
+    half = t_quantile_975(out["n"] - 1) * out["std"] / out["n"] ** 0.5
+    return {**out, "lo": out["mean"] - half, "hi": out["mean"] + half}
+
+
 def mean_nll(record: dict, tasks: list[str]) -> float:
     """A run's held-out NLL averaged over the tasks (each task weighs the same)."""
     return statistics.fmean(record["tasks"][t][HELDOUT_LOSS] for t in tasks)
@@ -52,7 +74,8 @@ def paired_differences(runs: list[dict], tasks: list[str], methods: list[str], r
 
     Returns ``{method: {"mean_nll": mean_std of (method − reference) mean NLL, "lower_nll": seeds where the method's
     mean NLL is lower, "macro": mean_std of the macro-score difference, "higher_macro": seeds where it is higher,
-    "nll": {task: mean_std of the task's NLL difference}, "seeds": the seeds both ran}}`` for every other method.
+    "nll": {task: mean_std of the task's NLL difference}, "score": {task: :func:`mean_ci` of the task's score
+    difference, with its 95 % t-interval over seeds}, "seeds": the seeds both ran}}`` for every other method.
     """
     by_key = {(r["method"], r["seed"]): r for r in runs}
     out: dict[str, Any] = {}
@@ -67,6 +90,9 @@ def paired_differences(runs: list[dict], tasks: list[str], methods: list[str], r
                        "macro": mean_std(macro), "higher_macro": sum(d > 0 for d in macro),
                        HELDOUT_LOSS: {t: mean_std([a["tasks"][t][HELDOUT_LOSS] - b["tasks"][t][HELDOUT_LOSS]
                                                    for a, b in pairs]) for t in tasks},
+                       "score": {t: mean_ci([a["tasks"][t]["score"] - b["tasks"][t]["score"] for a, b in pairs
+                                             if a["tasks"][t].get("score") is not None
+                                             and b["tasks"][t].get("score") is not None]) for t in tasks},
                        "seeds": seeds}
     return out
 

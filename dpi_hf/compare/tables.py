@@ -121,7 +121,24 @@ def _paired_lines(paired: dict | None, tasks: list[str]) -> list[str]:
         lines.append(_row([method, _fmt(d["mean_nll"], 3), f"{d['lower_nll']}/{n}"]
                           + [_fmt(d[HELDOUT_LOSS][t], 3) for t in tasks]
                           + [_fmt(d["macro"], 2), f"{d['higher_macro']}/{d['macro']['n']}"]))
+    if any("score" in d for d in paired["methods"].values()):
+        lines += ["", f"Each task's score, method − {ref} by seed: mean and 95 % t-interval over seeds (\"no "
+                      "difference\" when the interval contains 0).", ""]
+        header = ["method"] + [f"Δ {t} score" for t in tasks]
+        lines += [_row(header), _row(["---"] * len(header))]
+        for method, d in paired["methods"].items():
+            lines.append(_row([method] + [_ci(d.get("score", {}).get(t)) for t in tasks]))
     return lines
+
+
+def _ci(stat: dict | None) -> str:
+    """``mean [lo, hi]`` with the verdict the interval allows ("—" without a value; the mean alone for one seed)."""
+    if not stat or stat["mean"] is None:
+        return "—"
+    if stat.get("lo") is None:
+        return f"{stat['mean']:+.3f} (one seed)"
+    verdict = "no difference" if stat["lo"] <= 0 <= stat["hi"] else ("higher" if stat["lo"] > 0 else "lower")
+    return f"{stat['mean']:+.3f} [{stat['lo']:+.3f}, {stat['hi']:+.3f}] {verdict}"
 
 
 def _token_share(s: dict) -> str:
