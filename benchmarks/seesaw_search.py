@@ -38,8 +38,9 @@ TASK_SETS = {
     "numbers": [
         {"name": "basic_arithmetic", "source": "reasoning_gym", "path": "basic_arithmetic", "seed": 21,
          "kwargs": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}},
+        # 1-2 digits: single digits give 100 questions, and the held-out rows would repeat the 8 no training row has
         {"name": "products", "source": "reasoning_gym", "path": "products", "seed": 22,
-         "kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
+         "kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}},
         {"name": "leg_counting", "source": "reasoning_gym", "path": "leg_counting", "seed": 23,
          "kwargs": {"min_animals": 1, "max_animals": 2, "max_instances": 3}},
         {"name": "letter_counting", "source": "reasoning_gym", "path": "letter_counting", "seed": 24},
@@ -164,6 +165,7 @@ def summarise(out: Path, results: Path) -> None:
         complete = {s: m for s, m in by_seed.items() if "mixture" in m and all(f"single-{n}" in m for n in names)}
         if not complete:
             continue
+        majority = _majority(complete)
         for n in names:
             # the mixture and the single model were scored on the same rows of each seed
             for s, m in complete.items():
@@ -180,6 +182,7 @@ def summarise(out: Path, results: Path) -> None:
                          "mixture": float(np.mean([v.mean() for v in mix.values()])),
                          "single": float(np.mean([v.mean() for v in one.values()])),
                          "difference": diff.to_dict(), "negative_transfer": diff.hi < 0,
+                         "majority": float(np.mean(majority[n])),
                          "nll_mixture": float(np.mean(nll_mix)), "nll_single": float(np.mean(nll_one)),
                          "nll_difference": {"mean": float(d.mean()), "lo": float(d.mean() - half),
                                             "hi": float(d.mean() + half)}})
@@ -193,27 +196,43 @@ def summarise(out: Path, results: Path) -> None:
     print((results / "results.md").read_text())
 
 
+def _majority(cells: dict) -> dict:
+    """Per task, the accuracy of always giving the most frequent training answer, per seed (from the specs the
+    runs recorded: the same rows)."""
+    from dpi_hf.compare.forgetting.evaluation import majority_baseline
+    from dpi_hf.data import TaskSpec, load_tasks
+
+    out = {}
+    for models in cells.values():
+        specs = [TaskSpec(**spec) for spec in models["mixture"]["specs"]]
+        for name, splits in load_tasks(specs).items():
+            out.setdefault(name, []).append(majority_baseline(splits["train"], splits["eval"])["accuracy"])
+    return out
+
+
 def _t_half_width(d) -> float:
     """The 95 % t-interval half width of the mean of ``d`` (paired NLL differences by seed)."""
     import numpy as np
-    from scipy import stats
+
+    from dpi_hf.compare.summary import t_quantile_975
 
     if len(d) < 2:
         return float("nan")
-    return float(stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d)))
+    return float(t_quantile_975(len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d)))
 
 
 def _markdown(rows) -> str:
-    lines = ["| set | budget (steps) | task | seeds | single | mixture | mixture − single (95 % CI) | "
-             "NLL single | NLL mixture | NLL mixture − single (95 % CI) |", "|---" * 10 + "|"]
+    lines = ["| set | budget (steps) | task | seeds | majority answer | single | mixture | mixture − single (95 % CI) | "
+             "NLL single | NLL mixture | NLL mixture − single (95 % CI) |", "|---" * 11 + "|"]
     for r in rows:
         d, n = r["difference"], r["nll_difference"]
         verdict = "**negative transfer**" if r["negative_transfer"] else (
             "positive" if d["lo"] > 0 else "no difference")
-        lines.append(f"| {r['set']} | {r['budget']} | {r['task']} | {len(r['seeds'])} | {r['single']:.3f} | "
+        lines.append(f"| {r['set']} | {r['budget']} | {r['task']} | {len(r['seeds'])} | {r['majority']:.3f} | "
+                     f"{r['single']:.3f} | "
                      f"{r['mixture']:.3f} | {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] {verdict} | "
-                     f"{r['nll_single']:.3f} | {r['nll_mixture']:.3f} | {n['mean']:+.3f} [{n['lo']:+.3f}, "
-                     f"{n['hi']:+.3f}] |")
+                     f"{r['nll_single']:.3f} | {r['nll_mixture']:.3f} | {n['mean']:+.3f} "
+                     + (f"[{n['lo']:+.3f}, {n['hi']:+.3f}] |" if n["lo"] == n["lo"] else "(one seed) |"))
     return "\n".join(lines) + "\n"
 
 

@@ -352,6 +352,7 @@ def test_single_task_affinity_and_sequential_freeze_with_rows_varied(tmp_path, t
         d = single[t]
         assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
     assert "Δ gsm8k score" in (tmp_path / "out" / "results.md").read_text()
+    assert results["files"]["paired_plot"] == "paired.png" and (tmp_path / "out" / "paired.png").stat().st_size > 0
     # seed 1's rows are other rows than seed 0's (training and held-out), both runs of a seed the same rows
     ctx = build_context(specs, lambda: tiny_llama(tokenizer), tmp_path / "ctx", None, EVAL, tokenizer, "auto", False,
                         False, vary_rows=True)

@@ -1,4 +1,4 @@
-"""The figures of a comparison (``scores.png``, ``forgetting.png``) and of a sweep (``sweep.png``)."""
+"""The figures of a comparison (``scores.png``, ``paired.png``, ``forgetting.png``) and of a sweep (``sweep.png``)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,36 @@ def plot_scores(path: Path, results: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_paired(path: Path, results: dict) -> bool:
+    """Each task's score, every method minus the reference (multitask) seed by seed: the mean with its 95 %
+    t-interval over seeds, one group of bars per task. Writes nothing (returns False) without a reference or with
+    fewer than two seeds in common."""
+    paired = results.get("paired") or {}
+    methods = {m: d for m, d in (paired.get("methods") or {}).items()
+               if any((d.get("score") or {}).get(t, {}).get("lo") is not None for t in results["tasks"])}
+    if not paired.get("reference") or not methods:
+        return False
+    plt = pyplot()
+    tasks = results["tasks"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(tasks) + 2), 4.2))
+    width = 0.8 / len(methods)
+    for i, (method, d) in enumerate(methods.items()):
+        stats = [d["score"].get(t) or {} for t in tasks]
+        means = [st.get("mean") or 0.0 for st in stats]
+        errs = [[(st["mean"] - st["lo"]) if st.get("lo") is not None else 0.0 for st in stats],
+                [(st["hi"] - st["mean"]) if st.get("hi") is not None else 0.0 for st in stats]]
+        ax.bar([x + i * width for x in range(len(tasks))], means, width, yerr=errs, label=method, capsize=2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks, fontsize=8)
+    ax.set_ylabel(f"score − {paired['reference']} (same seed)")
+    ax.set_title(f"each task's score against {paired['reference']}: mean and 95 % interval over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot_forgetting(path: Path, results: dict) -> None:

@@ -6,17 +6,19 @@ import json
 from pathlib import Path
 
 from ..core.io import atomic_write_text
-from .plots import plot_forgetting, plot_scores, plot_sweep
+from .plots import plot_forgetting, plot_paired, plot_scores, plot_sweep
 from .tables import comparison_markdown, sweep_markdown
 
 
 def write_comparison(out: Path, results: dict) -> None:
-    """Write ``results.json``, ``results.md``, ``scores.png`` and ``forgetting.png`` into ``out``; records the file
-    names under ``results["files"]``."""
+    """Write ``results.json``, ``results.md``, ``scores.png``, ``paired.png`` (with a reference and two seeds or
+    more) and ``forgetting.png`` into ``out``; records the file names under ``results["files"]``."""
     files = {"json": "results.json", "table": "results.md", "scores_plot": "scores.png",
              "forgetting_plot": "forgetting.png"}
     results["files"] = files
     plot_scores(out / files["scores_plot"], results)
+    if plot_paired(out / "paired.png", results):
+        files["paired_plot"] = "paired.png"
     plot_forgetting(out / files["forgetting_plot"], results)
     atomic_write_text(out / files["table"], comparison_markdown(results))
     write_json(out / files["json"], results)
